@@ -1,0 +1,89 @@
+"""Billing settings: read them, and change the ones a customer may change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from billing.errors import InvalidRequest, NotFound
+from billing.units import (
+    AUTO_RECHARGE_AMOUNT_MAX,
+    AUTO_RECHARGE_AMOUNT_MIN,
+    AUTO_RECHARGE_THRESHOLD_MAX,
+    AUTO_RECHARGE_THRESHOLD_MIN,
+    INT64_MAX,
+)
+from models import BillingAccount, utcnow, write_transaction
+
+UPDATABLE = {
+    "billing_email",
+    "auto_recharge_enabled",
+    "auto_recharge_threshold",
+    "auto_recharge_amount",
+    "usage_cap",
+}
+_BOUNDS = {
+    "auto_recharge_threshold": (AUTO_RECHARGE_THRESHOLD_MIN, AUTO_RECHARGE_THRESHOLD_MAX),
+    "auto_recharge_amount": (AUTO_RECHARGE_AMOUNT_MIN, AUTO_RECHARGE_AMOUNT_MAX),
+    "usage_cap": (0, INT64_MAX),
+}
+
+
+def get_account(organization_id: str) -> BillingAccount:
+    account = BillingAccount.get_or_none(BillingAccount.organization == organization_id)
+    if account is None:
+        raise NotFound("organization not found")
+    return account
+
+
+def lock_account(organization_id: str) -> BillingAccount:
+    """Inside a write transaction: the account row, locked against concurrent writers."""
+    account = (
+        BillingAccount.select()
+        .where(BillingAccount.organization == organization_id)
+        .for_update()
+        .get_or_none()
+    )
+    if account is None:
+        raise NotFound("organization not found")
+    return account
+
+
+def _validate(changes: dict[str, Any]) -> None:
+    unknown = set(changes) - UPDATABLE
+    if unknown:
+        raise InvalidRequest(f"unknown settings: {', '.join(sorted(unknown))}")
+    for name, (low, high) in _BOUNDS.items():
+        value = changes.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
+    enabled = changes.get("auto_recharge_enabled")
+    if "auto_recharge_enabled" in changes and not isinstance(enabled, bool):
+        raise InvalidRequest("auto_recharge_enabled must be true or false")
+    email = changes.get("billing_email")
+    if email is not None and (not isinstance(email, str) or "@" not in email or len(email) > 254):
+        raise InvalidRequest("billing_email must be an email address")
+
+
+def update_settings(organization_id: str, changes: dict[str, Any]) -> BillingAccount:
+    """Apply a partial update atomically; a rule broken anywhere changes nothing.
+
+    Enabling auto-recharge needs both a threshold and an amount, from this update or already
+    stored; clearing either while it is enabled is refused for the same reason.
+    """
+    _validate(changes)
+    with write_transaction():
+        account = lock_account(organization_id)
+        for name, value in changes.items():
+            setattr(account, name, value)
+        if account.auto_recharge_enabled and (
+            account.auto_recharge_threshold is None or account.auto_recharge_amount is None
+        ):
+            raise InvalidRequest(
+                "auto-recharge needs autoRechargeThresholdDecimillicents and "
+                "autoRechargeAmountDecimillicents"
+            )
+        account.updated_at = utcnow()
+        account.save()
+    return account

@@ -1,0 +1,112 @@
+"""Who is calling: bearer JWTs for users, a shared credential for other services, and roles.
+
+The JWT algorithm is pinned by configuration, so `alg: none` and algorithm-confusion tokens are
+refused by PyJWT itself. The service credential is a separate scheme (X-Service-Token), so a
+user token never reaches service operations and the service credential never acts as a user. Roles come from our own membership table, never from the token, and an
+organization the caller does not belong to is reported exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+import jwt
+
+from billing.config import Settings
+from billing.errors import Forbidden, NotFound, Unauthenticated
+from models import Membership
+
+
+class Role(IntEnum):
+    member = 1
+    admin = 2
+    owner = 3
+
+
+@dataclass(frozen=True)
+class User:
+    user_id: str
+    email: str | None
+
+
+@dataclass(frozen=True)
+class Service:
+    """Another part of the platform, calling with the service credential."""
+
+    name: str = "service"
+
+
+def verify_user_token(token: str, settings: Settings) -> User:
+    """Decode and check a user's JWT: signature, algorithm, expiry, and the claims we need."""
+    key = (
+        settings.jwt_secret.get_secret_value()
+        if settings.jwt_algorithm.startswith("HS")
+        else settings.jwt_public_key.get_secret_value()  # type: ignore[union-attr]
+    )
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[settings.jwt_algorithm],
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            options={"require": ["exp", "sub"], "verify_aud": settings.jwt_audience is not None},
+            leeway=30,
+        )
+    except jwt.PyJWTError as exc:
+        raise Unauthenticated(f"invalid bearer token: {type(exc).__name__}") from None
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > 255:
+        raise Unauthenticated("invalid bearer token: bad subject")
+    email = claims.get("email")
+    return User(user_id=sub, email=email if isinstance(email, str) else None)
+
+
+def verify_service_token(token: str, settings: Settings) -> Service:
+    """Constant-time check of the service credential; unset means service calls are off."""
+    expected = settings.service_token
+    if expected is None or not hmac.compare_digest(
+        token.encode(), expected.get_secret_value().encode()
+    ):
+        raise Unauthenticated("invalid service credential")
+    return Service()
+
+
+def require_role(organization_id: str, principal: User, minimum: Role) -> Role:
+    """The caller's role in the organization, if at least `minimum`.
+
+    Not a member (or no such organization) is NotFound, so ids cannot be probed; a member
+    without the role is Forbidden.
+    """
+    membership = Membership.get_or_none(
+        (Membership.organization == organization_id.lower())
+        & (Membership.user_id == principal.user_id)
+    )
+    if membership is None:
+        raise NotFound("organization not found")
+    role = Role[membership.role]
+    if role < minimum:
+        raise Forbidden(f"this action needs the {minimum.name} role or higher")
+    return role
+
+
+def mint_user_token(
+    user_id: str, settings: Settings, email: str | None = None, ttl_seconds: int = 3600
+) -> str:
+    """A user JWT signed with the configured HS secret: for the dev script and tests."""
+    if not settings.jwt_algorithm.startswith("HS"):
+        raise ValueError("minting needs an HS* algorithm; asymmetric keys are issued elsewhere")
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + ttl_seconds}
+    if email:
+        claims["email"] = email
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    return jwt.encode(
+        claims, settings.jwt_secret.get_secret_value(), algorithm=settings.jwt_algorithm
+    )

@@ -1,0 +1,105 @@
+"""Configuration from environment variables, validated once at start-up.
+
+A bad value stops the process with a message naming the variable, never a stack trace deep in a
+request. Secrets are held as `SecretStr` so that printing the settings never reveals them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me-0000"
+
+
+class ConfigError(RuntimeError):
+    """A configuration value is missing or invalid; the message says which and why."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///data/billing.sqlite3",
+        description="sqlite:///path or postgresql://user@host:port/db",
+    )
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+
+    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
+    jwt_algorithm: Literal["HS256", "HS384", "HS512", "RS256", "ES256"] = "HS256"
+    jwt_public_key: SecretStr | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+
+    service_token: SecretStr | None = Field(
+        default=None, description="Bearer credential for service-to-service operations."
+    )
+
+    stripe_secret_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    stripe_api_base: str | None = Field(default=None, description="Override, for tests only.")
+    stripe_timeout_seconds: float = Field(default=10.0, gt=0, le=80)
+    stripe_max_retries: int = Field(default=2, ge=0, le=5)
+    stripe_price_try_me: str = "price_try_me"
+    stripe_price_pro: str = "price_pro"
+    stripe_price_agency: str = "price_agency"
+
+    billing_local_mode: bool = Field(
+        default=True, description="Local billing mode when no Stripe key is configured."
+    )
+    public_base_url: str = "http://127.0.0.1:8000"
+    payment_grace_period_days: int = Field(default=7, ge=0, le=60)
+    overdraft_limit_decimillicents: int = Field(default=0, ge=0)
+
+    response_validation: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not (
+            self.database_url.startswith("sqlite:///")
+            or self.database_url.startswith(("postgresql://", "postgres://"))
+        ):
+            raise ValueError("DATABASE_URL must start with sqlite:/// or postgresql://")
+        if self.jwt_algorithm.startswith("HS"):
+            if len(self.jwt_secret.get_secret_value()) < 32:
+                raise ValueError("JWT_SECRET must be at least 32 characters")
+        elif self.jwt_public_key is None:
+            raise ValueError(f"JWT_PUBLIC_KEY is required for JWT_ALGORITHM={self.jwt_algorithm}")
+        if self.stripe_secret_key is not None and self.stripe_webhook_secret is None:
+            raise ValueError("STRIPE_WEBHOOK_SECRET is required when STRIPE_SECRET_KEY is set")
+        if self.stripe_secret_key is not None and self.jwt_secret.get_secret_value() == DEV_JWT_SECRET:
+            raise ValueError("JWT_SECRET must be set (not the dev default) when Stripe is configured")
+        return self
+
+    @property
+    def local_billing(self) -> bool:
+        """Local billing mode: no Stripe key and local mode enabled."""
+        return self.stripe_secret_key is None and self.billing_local_mode
+
+    @property
+    def cursor_key(self) -> bytes:
+        """Key for signing pagination cursors, derived so it never equals the JWT secret."""
+        return hashlib.sha256(b"cursor:" + self.jwt_secret.get_secret_value().encode()).digest()
+
+
+def load_settings() -> Settings:
+    """Read and validate the environment; raise ConfigError with a readable message."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper() or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

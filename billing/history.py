@@ -1,0 +1,82 @@
+"""Credit history: newest first, keyset pagination with opaque, signed cursors.
+
+A cursor names the last entry id of the page it ends and the organization it belongs to, and is
+signed with HMAC-SHA256: a tampered cursor, or one from another organization, is rejected rather
+than silently showing the wrong page. Ledger ids grow in commit order per organization (writers
+hold the account lock), so keyset paging never skips or repeats an entry.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+
+from billing.errors import InvalidRequest
+from models import CreditEntry
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    items: list[CreditEntry]
+    cursor: str | None
+    has_more: bool
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def encode_cursor(organization_id: str, last_id: int, key: bytes) -> str:
+    payload = json.dumps({"o": organization_id, "i": last_id}, separators=(",", ":")).encode()
+    signature = hmac.new(key, payload, hashlib.sha256).digest()[:16]
+    return f"{_b64(payload)}.{_b64(signature)}"
+
+
+def decode_cursor(cursor: str, organization_id: str, key: bytes) -> int:
+    """The entry id the cursor continues after; InvalidRequest for anything not ours."""
+    try:
+        payload_part, signature_part = cursor.split(".")
+        payload = _unb64(payload_part)
+        signature = _unb64(signature_part)
+    except (ValueError, binascii.Error):
+        raise InvalidRequest("cursor is not valid") from None
+    expected = hmac.new(key, payload, hashlib.sha256).digest()[:16]
+    if not hmac.compare_digest(signature, expected):
+        raise InvalidRequest("cursor is not valid")
+    data = json.loads(payload)
+    if data.get("o") != organization_id or not isinstance(data.get("i"), int):
+        raise InvalidRequest("cursor is not valid for this organization")
+    return int(data["i"])
+
+
+def parse_limit(raw: str | int | None) -> int:
+    if raw is None:
+        return DEFAULT_LIMIT
+    text = str(raw)
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(text)
+
+
+def list_credit_history(
+    organization_id: str, limit: int, cursor: str | None, key: bytes
+) -> HistoryPage:
+    query = CreditEntry.select().where(CreditEntry.organization == organization_id)
+    if cursor is not None:
+        query = query.where(CreditEntry.id < decode_cursor(cursor, organization_id, key))
+    rows = list(query.order_by(CreditEntry.id.desc()).limit(limit + 1))
+    has_more = len(rows) > limit
+    items = rows[:limit]
+    next_cursor = encode_cursor(organization_id, items[-1].id, key) if has_more else None
+    return HistoryPage(items=items, cursor=next_cursor, has_more=has_more)

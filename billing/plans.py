@@ -1,0 +1,31 @@
+"""Plans and subscription statuses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from billing.units import DOLLAR
+
+
+@dataclass(frozen=True)
+class Plan:
+    slug: str
+    monthly_price: int
+    welcome_credit: int
+
+
+PLANS: dict[str, Plan] = {
+    "try_me": Plan("try_me", 9 * DOLLAR, 9 * DOLLAR),
+    "pro": Plan("pro", 20 * DOLLAR, 20 * DOLLAR),
+    "agency": Plan("agency", 45 * DOLLAR, 45 * DOLLAR),
+}
+
+SUBSCRIPTION_STATUSES = (
+    "active", "inactive", "trialing", "past_due", "canceled", "paused", "unpaid",
+)
+ACCESS_STATUSES = frozenset({"active", "trialing", "past_due"})
+
+
+def is_subscribed(status: str) -> bool:
+    """Statuses that give access: a past_due customer keeps access during dunning."""
+    return status in ACCESS_STATUSES

@@ -1,0 +1,75 @@
+"""The Connexion application factory."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import connexion
+from connexion.middleware import MiddlewarePosition
+from connexion.resolver import Resolver
+
+from billing.config import Settings, get_settings
+from handlers.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from handlers.problems import ERROR_HANDLERS
+from models import connection, connect_database
+
+SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+log = logging.getLogger("billing.app")
+_JSON = {"Content-Type": "application/json"}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class BillingResolver(Resolver):
+    """operationId `getCreditBalance` in controller `handlers.credits` resolves to
+    `handlers.credits.get_credit_balance`, run inside one database connection.
+
+    A handler returning a dict answers 200 application/json (every operation also declares
+    problem+json for its errors, so the content type must be named).
+    """
+
+    def resolve_operation_id(self, operation: Any) -> str:
+        return f"{operation.router_controller}.{_snake(operation.operation_id)}"
+
+    def resolve_function_from_operation_id(self, operation_id: str) -> Callable[..., Any]:
+        handler = super().resolve_function_from_operation_id(operation_id)
+
+        @functools.wraps(handler)
+        def with_connection(*args: Any, **kwargs: Any) -> Any:
+            with connection():
+                result = handler(*args, **kwargs)
+            if isinstance(result, dict):
+                return result, 200, _JSON
+            return result
+
+        return with_connection
+
+
+def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
+    settings = settings or get_settings()
+    connect_database(settings.database_url, settings.db_pool_size)
+    app = connexion.AsyncApp(__name__, specification_dir=str(SPEC_PATH.parent))
+    app.add_api(
+        SPEC_PATH.name,
+        resolver=BillingResolver(),
+        pythonic_params=True,
+        strict_validation=True,
+        validate_responses=settings.response_validation,
+        swagger_ui_options=None,
+    )
+    for exc_class, handler in ERROR_HANDLERS:
+        app.add_error_handler(exc_class, handler)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        position=MiddlewarePosition.BEFORE_EXCEPTION,
+        max_bytes=settings.max_body_bytes,
+    )
+    app.add_middleware(RequestIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    return app

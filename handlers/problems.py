@@ -1,0 +1,110 @@
+"""One error mapping for the whole app: every error is RFC 9457 problem+json with a stable code.
+
+Domain errors carry their code; framework errors are mapped by status. Anything unexpected is a
+500 whose body says nothing about internals; the details go to the log with the request id.
+Statuses outside the contract's nine for a documented operation (413, 415) are answered as 400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+
+import peewee
+from connexion.exceptions import ProblemException
+from connexion.lifecycle import ConnexionRequest, ConnexionResponse
+from starlette.exceptions import HTTPException
+
+from billing.errors import BillingError
+from handlers.context import request_id
+
+log = logging.getLogger("billing.http")
+
+STATUS_BY_CODE = {
+    "BadRequest": 400,
+    "Unauthorized": 401,
+    "PaymentRequired": 402,
+    "Forbidden": 403,
+    "NotFound": 404,
+    "MethodNotAllowed": 405,
+    "Conflict": 409,
+    "TooManyRequests": 429,
+    "InternalError": 500,
+    "ServiceUnavailable": 503,
+}
+CODE_BY_STATUS = {status: code for code, status in STATUS_BY_CODE.items()}
+# Statuses folded into a documented one so that every operation keeps to the contract.
+FOLDED_STATUS = {413: 400, 415: 400, 422: 400}
+GENERIC_500 = "An unexpected error occurred. Quote the request id when reporting it."
+
+
+def problem(
+    status: int, detail: str, code: str | None = None, headers: Mapping[str, str] | None = None
+) -> ConnexionResponse:
+    status = FOLDED_STATUS.get(status, status)
+    if code is None:
+        code = CODE_BY_STATUS.get(status, "BadRequest" if status < 500 else "InternalError")
+    body = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "requestId": request_id.get(),
+    }
+    return ConnexionResponse(
+        status_code=status,
+        mimetype="application/problem+json",
+        content_type="application/problem+json",
+        body=json.dumps(body),
+        headers=dict(headers or {}),
+    )
+
+
+def _framework_problem(status: int, detail: str | None, headers: Mapping[str, str] | None):
+    if status >= 500:
+        log.error("framework error %s: %s", status, detail)
+        return problem(500, GENERIC_500)
+    # jsonschema appends the schema and instance after a blank line: keep the first paragraph.
+    text = (detail or HTTPStatus(status).phrase).split("\n\n")[0][:500]
+    return problem(status, text, headers=headers)
+
+
+def on_billing_error(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    assert isinstance(exc, BillingError)
+    status = STATUS_BY_CODE.get(exc.code, 500)
+    if status >= 500:
+        log.error("service error: %s", exc.detail)
+    return problem(status, exc.detail, exc.code)
+
+
+def on_problem(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    assert isinstance(exc, ProblemException)
+    return _framework_problem(exc.status, exc.detail, exc.headers)
+
+
+def on_http_exception(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    assert isinstance(exc, HTTPException)
+    return _framework_problem(exc.status_code, exc.detail, exc.headers)
+
+
+def on_database_error(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    log.error("database error: %s", type(exc).__name__)
+    return problem(500, "The database is unavailable. Nothing was changed; retry later.")
+
+
+def on_unexpected(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+    return problem(500, GENERIC_500)
+
+
+ERROR_HANDLERS = [
+    (BillingError, on_billing_error),
+    (ProblemException, on_problem),
+    (HTTPException, on_http_exception),
+    (peewee.OperationalError, on_database_error),
+    (peewee.InterfaceError, on_database_error),
+    (Exception, on_unexpected),
+]

@@ -1,0 +1,86 @@
+"""Wire shapes: camelCase JSON from service results, timestamps as ISO-8601 UTC."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from billing.history import HistoryPage
+from billing.plans import is_subscribed
+from billing.usage import UsageSummary
+from models import BillingAccount, CreditEntry
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value.isoformat(timespec="seconds") + "Z"
+
+
+def billing_settings(account: BillingAccount) -> dict[str, Any]:
+    return {
+        "organizationId": account.organization_id,
+        "billingEmail": account.billing_email,
+        "stripeCustomerId": account.stripe_customer_id,
+        "stripeSubscriptionId": account.stripe_subscription_id,
+        "stripePaymentMethodId": account.stripe_payment_method_id,
+        "stripeMeteredSubscriptionItemId": account.stripe_metered_subscription_item_id,
+        "creditsBalanceDecimillicents": account.credits_balance,
+        "reservedCreditsDecimillicents": account.reserved_credits,
+        "autoRechargeEnabled": account.auto_recharge_enabled,
+        "autoRechargeThresholdDecimillicents": account.auto_recharge_threshold,
+        "autoRechargeAmountDecimillicents": account.auto_recharge_amount,
+        "usageCapDecimillicents": account.usage_cap,
+        "isSubscribed": is_subscribed(account.subscription_status),
+        "subscriptionStatus": account.subscription_status,
+        "subscriptionPlan": account.subscription_plan,
+        "subscriptionStartedAt": iso(account.subscription_started_at),
+        "subscriptionEndsAt": iso(account.subscription_ends_at),
+        "subscriptionCurrentPeriodEnd": iso(account.subscription_current_period_end),
+        "suspendedAt": iso(account.suspended_at),
+        "paymentGracePeriodEndsAt": iso(account.payment_grace_period_ends_at),
+    }
+
+
+def credit_balance(account: BillingAccount) -> dict[str, Any]:
+    return {
+        "creditsBalanceDecimillicents": account.credits_balance,
+        "reservedCreditsDecimillicents": account.reserved_credits,
+        "availableDecimillicents": account.credits_balance - account.reserved_credits,
+        "isSuspended": account.suspended_at is not None,
+        "suspendedAt": iso(account.suspended_at),
+        "paymentGracePeriodEndsAt": iso(account.payment_grace_period_ends_at),
+    }
+
+
+def credit_entry(entry: CreditEntry) -> dict[str, Any]:
+    return {
+        "id": str(entry.id),
+        "entryType": entry.entry_type,
+        "amountDecimillicents": entry.amount,
+        "reason": entry.reason,
+        "referenceId": entry.reference_id,
+        "balanceAfter": entry.balance_after,
+        "createdAt": iso(entry.created_at),
+    }
+
+
+def credit_history(page: HistoryPage) -> dict[str, Any]:
+    return {
+        "items": [credit_entry(e) for e in page.items],
+        "cursor": page.cursor,
+        "hasMore": page.has_more,
+    }
+
+
+def usage_summary(summary: UsageSummary) -> dict[str, Any]:
+    return {
+        "organizationId": summary.organization_id,
+        "category": summary.category,
+        "periodStart": iso(summary.period_start),
+        "periodEnd": iso(summary.period_end),
+        "totalQuantity": summary.total_quantity,
+        "totalCostDecimillicents": summary.total_cost,
+    }

@@ -1,0 +1,29 @@
+"""Peewee models, the database binding and the migration runner."""
+
+from models.db import connect_database, connection, database, is_postgres, write_transaction
+from models.entities import (
+    ALL_MODELS,
+    BillingAccount,
+    CreditEntry,
+    Membership,
+    Organization,
+    ReminderDismissal,
+    UsageRecord,
+    utcnow,
+)
+
+__all__ = [
+    "ALL_MODELS",
+    "BillingAccount",
+    "CreditEntry",
+    "Membership",
+    "Organization",
+    "ReminderDismissal",
+    "UsageRecord",
+    "connect_database",
+    "connection",
+    "database",
+    "is_postgres",
+    "utcnow",
+    "write_transaction",
+]

@@ -1,0 +1,90 @@
+"""The database binding: SQLite by default, PostgreSQL when DATABASE_URL says so.
+
+Every model binds to `database`, a proxy initialised once per process by `connect_database`.
+Gunicorn workers each get their own pool (the proxy is initialised after fork in the app factory).
+Writes that touch an organization's money go through `write_transaction`: on PostgreSQL the
+caller then locks the account row (SELECT ... FOR UPDATE); on SQLite the transaction starts
+with BEGIN IMMEDIATE, which takes the database's single writer lock up front, so concurrent
+writers queue instead of failing or losing updates.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlparse
+
+import peewee
+from playhouse.pool import PooledPostgresqlDatabase
+
+database = peewee.DatabaseProxy()
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "busy_timeout": 30_000,
+    "foreign_keys": 1,
+    "synchronous": "normal",
+}
+
+
+def make_database(url: str, pool_size: int = 10) -> peewee.Database:
+    """Build (not open) the database object that `url` names."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///") :]
+        if path != ":memory:":
+            folder = os.path.dirname(path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+        return peewee.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=30)
+    parsed = urlparse(url)
+    if parsed.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"unsupported database URL scheme: {parsed.scheme!r}")
+    return PooledPostgresqlDatabase(
+        (parsed.path or "/").lstrip("/") or "postgres",
+        user=parsed.username,
+        password=parsed.password,
+        host=parsed.hostname or "127.0.0.1",
+        port=parsed.port or 5432,
+        max_connections=pool_size,
+        stale_timeout=300,
+        timeout=30,
+        autorollback=True,
+    )
+
+
+def connect_database(url: str, pool_size: int = 10) -> peewee.Database:
+    """Point the proxy at the database `url` names and return it."""
+    db = make_database(url, pool_size)
+    database.initialize(db)
+    return db
+
+
+def is_postgres() -> bool:
+    return isinstance(database.obj, peewee.PostgresqlDatabase)
+
+
+@contextmanager
+def write_transaction() -> Iterator[None]:
+    """A transaction that may move money: serialized on SQLite, row-locked by callers on PG."""
+    db = database.obj
+    if isinstance(db, peewee.SqliteDatabase) and not db.in_transaction():
+        with db.atomic(lock_type="IMMEDIATE"):
+            yield
+    else:
+        with db.atomic():
+            yield
+
+
+@contextmanager
+def connection() -> Iterator[None]:
+    """Hold one connection for a unit of work and give it back (to the pool) afterwards."""
+    db = database.obj
+    if db.is_closed():
+        db.connect()
+        try:
+            yield
+        finally:
+            db.close()
+    else:
+        yield

@@ -1,0 +1,129 @@
+"""Peewee models. They describe rows; the rules about money live in the `billing` package.
+
+The schema itself is owned by the versioned SQL files in `models/migrations`; these classes must
+match them (a test compares the two on both databases).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import peewee
+
+from models.db import database
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC, the form every timestamp column stores."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Organization(BaseModel):
+    id = peewee.CharField(primary_key=True, max_length=36)
+    name = peewee.CharField(max_length=200)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "organizations"
+
+
+class Membership(BaseModel):
+    id = peewee.AutoField()
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    user_id = peewee.CharField(max_length=255)
+    email = peewee.CharField(max_length=254, null=True)
+    role = peewee.CharField(max_length=16)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "memberships"
+
+
+class BillingAccount(BaseModel):
+    """One row per organization: its settings and the running totals the ledger keeps."""
+
+    organization = peewee.ForeignKeyField(
+        Organization, primary_key=True, column_name="organization_id"
+    )
+    billing_email = peewee.CharField(max_length=254, null=True)
+    stripe_customer_id = peewee.CharField(max_length=255, null=True)
+    stripe_subscription_id = peewee.CharField(max_length=255, null=True)
+    stripe_payment_method_id = peewee.CharField(max_length=255, null=True)
+    stripe_metered_subscription_item_id = peewee.CharField(max_length=255, null=True)
+    credits_balance = peewee.BigIntegerField(default=0)
+    reserved_credits = peewee.BigIntegerField(default=0)
+    auto_recharge_enabled = peewee.BooleanField(default=False)
+    auto_recharge_threshold = peewee.BigIntegerField(null=True)
+    auto_recharge_amount = peewee.BigIntegerField(null=True)
+    usage_cap = peewee.BigIntegerField(null=True)
+    subscription_status = peewee.CharField(max_length=16, default="inactive")
+    subscription_plan = peewee.CharField(max_length=16, null=True)
+    subscription_started_at = peewee.DateTimeField(null=True)
+    subscription_ends_at = peewee.DateTimeField(null=True)
+    subscription_current_period_end = peewee.DateTimeField(null=True)
+    suspended_at = peewee.DateTimeField(null=True)
+    payment_grace_period_ends_at = peewee.DateTimeField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "billing_accounts"
+
+
+class CreditEntry(BaseModel):
+    """An append-only ledger line. `idempotency_ref` makes each money movement apply once."""
+
+    id = peewee.BigAutoField()
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    entry_type = peewee.CharField(max_length=32)
+    amount = peewee.BigIntegerField()
+    reason = peewee.CharField(max_length=500, null=True)
+    reference_id = peewee.CharField(max_length=255, null=True)
+    idempotency_ref = peewee.CharField(max_length=300, null=True, unique=True)
+    balance_after = peewee.BigIntegerField()
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "credit_entries"
+
+
+class UsageRecord(BaseModel):
+    id = peewee.BigAutoField()
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    category = peewee.CharField(max_length=32)
+    quantity = peewee.BigIntegerField()
+    unit_cost = peewee.BigIntegerField()
+    cost = peewee.BigIntegerField()
+    reference_id = peewee.CharField(max_length=255)
+    metadata = peewee.TextField(null=True)
+    credit_entry = peewee.ForeignKeyField(CreditEntry, null=True, column_name="credit_entry_id")
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "usage_records"
+
+
+class ReminderDismissal(BaseModel):
+    id = peewee.AutoField()
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    user_id = peewee.CharField(max_length=255)
+    dismissed_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "reminder_dismissals"
+
+
+ALL_MODELS: list[type[BaseModel]] = [
+    Organization,
+    Membership,
+    BillingAccount,
+    CreditEntry,
+    UsageRecord,
+    ReminderDismissal,
+]
