@@ -12,7 +12,7 @@ from billing.units import (
     AUTO_RECHARGE_THRESHOLD_MIN,
     INT64_MAX,
 )
-from models import BillingAccount, utcnow, write_transaction
+from models import BillingAccount, is_postgres, utcnow, write_transaction
 
 UPDATABLE = {
     "billing_email",
@@ -36,13 +36,15 @@ def get_account(organization_id: str) -> BillingAccount:
 
 
 def lock_account(organization_id: str) -> BillingAccount:
-    """Inside a write transaction: the account row, locked against concurrent writers."""
-    account = (
-        BillingAccount.select()
-        .where(BillingAccount.organization == organization_id)
-        .for_update()
-        .get_or_none()
-    )
+    """Inside a write transaction: the account row, locked against concurrent writers.
+
+    PostgreSQL takes a row lock; SQLite has none, and needs none, as `write_transaction`
+    already holds its database-wide writer lock.
+    """
+    query = BillingAccount.select().where(BillingAccount.organization == organization_id)
+    if is_postgres():
+        query = query.for_update()
+    account = query.get_or_none()
     if account is None:
         raise NotFound("organization not found")
     return account

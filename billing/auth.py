@@ -1,8 +1,9 @@
 """Who is calling: bearer JWTs for users, a shared credential for other services, and roles.
 
-The JWT algorithm is pinned by configuration, so `alg: none` and algorithm-confusion tokens are
-refused by PyJWT itself. The service credential is a separate scheme (X-Service-Token), so a
-user token never reaches service operations and the service credential never acts as a user. Roles come from our own membership table, never from the token, and an
+The JWT algorithm is pinned by configuration, so `alg: none` and algorithm-confusion tokens
+are refused by PyJWT itself. The service credential is a separate scheme (X-Service-Token),
+so a user token never reaches service operations and the service credential never acts as a
+user. Roles come from our own membership table, never from the token, and an
 organization the caller does not belong to is reported exactly like one that does not exist.
 """
 

@@ -71,10 +71,11 @@ class Settings(BaseSettings):
                 raise ValueError("JWT_SECRET must be at least 32 characters")
         elif self.jwt_public_key is None:
             raise ValueError(f"JWT_PUBLIC_KEY is required for JWT_ALGORITHM={self.jwt_algorithm}")
-        if self.stripe_secret_key is not None and self.stripe_webhook_secret is None:
-            raise ValueError("STRIPE_WEBHOOK_SECRET is required when STRIPE_SECRET_KEY is set")
-        if self.stripe_secret_key is not None and self.jwt_secret.get_secret_value() == DEV_JWT_SECRET:
-            raise ValueError("JWT_SECRET must be set (not the dev default) when Stripe is configured")
+        if self.stripe_secret_key is not None:
+            if self.stripe_webhook_secret is None:
+                raise ValueError("STRIPE_WEBHOOK_SECRET is required with STRIPE_SECRET_KEY")
+            if self.jwt_secret.get_secret_value() == DEV_JWT_SECRET:
+                raise ValueError("JWT_SECRET must be set (not the dev default) with Stripe")
         return self
 
     @property

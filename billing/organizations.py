@@ -27,9 +27,7 @@ def add_member(organization_id: str, user_id: str, role: str, email: str | None 
             (Membership.organization == organization_id) & (Membership.user_id == user_id)
         )
         if existing is None:
-            Membership.create(
-                organization=organization_id, user_id=user_id, role=role, email=email
-            )
+            Membership.create(organization=organization_id, user_id=user_id, role=role, email=email)
         else:
             existing.role = role
             existing.email = email or existing.email

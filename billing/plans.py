@@ -21,7 +21,13 @@ PLANS: dict[str, Plan] = {
 }
 
 SUBSCRIPTION_STATUSES = (
-    "active", "inactive", "trialing", "past_due", "canceled", "paused", "unpaid",
+    "active",
+    "inactive",
+    "trialing",
+    "past_due",
+    "canceled",
+    "paused",
+    "unpaid",
 )
 ACCESS_STATUSES = frozenset({"active", "trialing", "past_due"})
 

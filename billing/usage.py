@@ -36,8 +36,10 @@ def parse_timestamp(name: str, raw: str) -> dt.datetime:
 
 def current_month(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(
-        month=start.month + 1
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
     )
     return start, end
 

@@ -16,7 +16,7 @@ from connexion.resolver import Resolver
 from billing.config import Settings, get_settings
 from handlers.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from handlers.problems import ERROR_HANDLERS
-from models import connection, connect_database
+from models import connect_database, connection
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
 log = logging.getLogger("billing.app")

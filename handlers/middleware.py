@@ -84,7 +84,8 @@ class BodySizeLimitMiddleware:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": response.body})
+        body = response.body if isinstance(response.body, bytes) else str(response.body).encode()
+        await send({"type": "http.response.body", "body": body})
 
 
 class BodyTooLarge(Exception):

@@ -3,22 +3,28 @@
 from models.db import connect_database, connection, database, is_postgres, write_transaction
 from models.entities import (
     ALL_MODELS,
+    AutoRechargeRequest,
     BillingAccount,
     CreditEntry,
+    IdempotencyRecord,
     Membership,
     Organization,
     ReminderDismissal,
+    Reservation,
     UsageRecord,
     utcnow,
 )
 
 __all__ = [
     "ALL_MODELS",
+    "AutoRechargeRequest",
     "BillingAccount",
     "CreditEntry",
+    "IdempotencyRecord",
     "Membership",
     "Organization",
     "ReminderDismissal",
+    "Reservation",
     "UsageRecord",
     "connect_database",
     "connection",

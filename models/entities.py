@@ -36,6 +36,7 @@ class Organization(BaseModel):
 class Membership(BaseModel):
     id = peewee.AutoField()
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str  # the raw foreign key, readable without a query
     user_id = peewee.CharField(max_length=255)
     email = peewee.CharField(max_length=254, null=True)
     role = peewee.CharField(max_length=16)
@@ -51,6 +52,7 @@ class BillingAccount(BaseModel):
     organization = peewee.ForeignKeyField(
         Organization, primary_key=True, column_name="organization_id"
     )
+    organization_id: str  # the raw foreign key, readable without a query
     billing_email = peewee.CharField(max_length=254, null=True)
     stripe_customer_id = peewee.CharField(max_length=255, null=True)
     stripe_subscription_id = peewee.CharField(max_length=255, null=True)
@@ -81,6 +83,7 @@ class CreditEntry(BaseModel):
 
     id = peewee.BigAutoField()
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str  # the raw foreign key, readable without a query
     entry_type = peewee.CharField(max_length=32)
     amount = peewee.BigIntegerField()
     reason = peewee.CharField(max_length=500, null=True)
@@ -96,6 +99,7 @@ class CreditEntry(BaseModel):
 class UsageRecord(BaseModel):
     id = peewee.BigAutoField()
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str  # the raw foreign key, readable without a query
     category = peewee.CharField(max_length=32)
     quantity = peewee.BigIntegerField()
     unit_cost = peewee.BigIntegerField()
@@ -112,11 +116,62 @@ class UsageRecord(BaseModel):
 class ReminderDismissal(BaseModel):
     id = peewee.AutoField()
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str  # the raw foreign key, readable without a query
     user_id = peewee.CharField(max_length=255)
     dismissed_at = peewee.DateTimeField(default=utcnow)
 
     class Meta:
         table_name = "reminder_dismissals"
+
+
+class Reservation(BaseModel):
+    """Credits held for work in progress; finalized for the actual amount or released."""
+
+    id = peewee.CharField(primary_key=True, max_length=36)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str  # the raw foreign key, readable without a query
+    amount = peewee.BigIntegerField()
+    status = peewee.CharField(max_length=16, default="open")
+    reference_id = peewee.CharField(max_length=255)
+    final_amount = peewee.BigIntegerField(null=True)
+    credit_entry = peewee.ForeignKeyField(CreditEntry, null=True, column_name="credit_entry_id")
+    created_at = peewee.DateTimeField(default=utcnow)
+    closed_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        table_name = "reservations"
+
+
+class AutoRechargeRequest(BaseModel):
+    """Outbox row: written with the debit that crossed the threshold, drained by the worker."""
+
+    id = peewee.CharField(primary_key=True, max_length=36)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str  # the raw foreign key, readable without a query
+    status = peewee.CharField(max_length=16, default="pending")
+    amount = peewee.BigIntegerField()
+    failure_reason = peewee.CharField(max_length=500, null=True)
+    stripe_payment_intent_id = peewee.CharField(max_length=255, null=True)
+    client_secret = peewee.CharField(max_length=500, null=True)
+    attempts = peewee.IntegerField(default=0)
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "auto_recharge_requests"
+
+
+class IdempotencyRecord(BaseModel):
+    id = peewee.AutoField()
+    scope = peewee.CharField(max_length=100)
+    idempotency_key = peewee.CharField(max_length=255)
+    fingerprint = peewee.CharField(max_length=64)
+    status_code = peewee.IntegerField(null=True)
+    response_body = peewee.TextField(null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "idempotency_records"
 
 
 ALL_MODELS: list[type[BaseModel]] = [
@@ -126,4 +181,7 @@ ALL_MODELS: list[type[BaseModel]] = [
     CreditEntry,
     UsageRecord,
     ReminderDismissal,
+    Reservation,
+    AutoRechargeRequest,
+    IdempotencyRecord,
 ]

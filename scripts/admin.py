@@ -1,9 +1,9 @@
 """Administration from the command line: organizations, members and dev tokens.
 
-    python -m scripts.admin quickstart                 # org + owner + token, printed as shell
-    python -m scripts.admin create-org "Acme"
-    python -m scripts.admin add-member ORG_ID USER_ID --role admin --email a@example.com
-    python -m scripts.admin mint-token USER_ID [--ttl 3600]
+python -m scripts.admin quickstart                 # org + owner + token, printed as shell
+python -m scripts.admin create-org "Acme"
+python -m scripts.admin add-member ORG_ID USER_ID --role admin --email a@example.com
+python -m scripts.admin mint-token USER_ID [--ttl 3600]
 """
 
 from __future__ import annotations

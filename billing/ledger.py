@@ -1,0 +1,382 @@
+"""The credit ledger: the only code that moves an organization's credits.
+
+Rules kept here, in one transaction per operation:
+- entries are appended, never changed; each stores `balance_after`, and the account's
+  `credits_balance` always equals the sum of the organization's entries;
+- `reserved_credits` equals the sum of open reservations, and available = balance - reserved
+  never goes below minus the configured overdraft (0 by default) through a debit or reservation;
+- every operation that takes an `idempotency_ref` applies once: a repeat returns the first result;
+- spending is refused (402) while the organization is suspended, while a payment grace period
+  runs, or when it would take this period's spend past the usage cap.
+
+Concurrency: `write_transaction` + `lock_account` serialize writers per organization (row lock
+on PostgreSQL, the writer lock on SQLite), so no update is lost and no check is raced.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from peewee import fn
+
+from billing.accounts import lock_account
+from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
+from billing.units import INT64_MAX
+from billing.usage import current_month
+from models import (
+    AutoRechargeRequest,
+    BillingAccount,
+    CreditEntry,
+    Reservation,
+    utcnow,
+    write_transaction,
+)
+
+CREDIT_TYPES = frozenset({"adjustment", "recharge", "initial_grant", "top_up", "welcome_grant"})
+DEBIT_TYPES = frozenset({"charge", "refund", "dispute", "adjustment"})
+# Entries that count as spending against the usage cap.
+SPEND_TYPES = ("charge",)
+IN_FLIGHT_RECHARGE = ("pending", "processing", "requires_action")
+
+
+@dataclass(frozen=True)
+class LedgerResult:
+    entry: CreditEntry | None
+    balance: int
+    reserved: int
+    replayed: bool = False
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.reserved
+
+
+def _check_amount(amount: int, *, allow_zero: bool = False) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise InvalidRequest("amount must be an integer number of decimillicents")
+    low = 0 if allow_zero else 1
+    if not low <= amount <= INT64_MAX:
+        raise InvalidRequest(f"amount must be from {low} to {INT64_MAX}")
+
+
+def _append(
+    account: BillingAccount,
+    entry_type: str,
+    amount: int,
+    reason: str | None,
+    reference_id: str | None,
+    idempotency_ref: str | None,
+) -> CreditEntry:
+    """Append one entry to a locked account and move its balance with it."""
+    balance_after = account.credits_balance + amount
+    if not -INT64_MAX <= balance_after <= INT64_MAX:
+        raise InvalidRequest("the balance would overflow")
+    entry = CreditEntry.create(
+        organization=account.organization_id,
+        entry_type=entry_type,
+        amount=amount,
+        reason=reason,
+        reference_id=reference_id,
+        idempotency_ref=idempotency_ref,
+        balance_after=balance_after,
+    )
+    account.credits_balance = balance_after
+    account.updated_at = utcnow()
+    account.save(only=[BillingAccount.credits_balance, BillingAccount.updated_at])
+    return entry
+
+
+def _replay(idempotency_ref: str | None, organization_id: str) -> CreditEntry | None:
+    if idempotency_ref is None:
+        return None
+    entry = CreditEntry.get_or_none(CreditEntry.idempotency_ref == idempotency_ref)
+    if entry is not None and entry.organization_id != organization_id:
+        raise Conflict("this reference belongs to another organization")
+    return entry
+
+
+def _result(account: BillingAccount, entry: CreditEntry | None, replayed: bool) -> LedgerResult:
+    return LedgerResult(entry, account.credits_balance, account.reserved_credits, replayed)
+
+
+def period_spend(organization_id: str, now: dt.datetime) -> int:
+    """Credits spent in the current usage period (the UTC calendar month)."""
+    start, end = current_month(now)
+    total = (
+        CreditEntry.select(fn.COALESCE(fn.SUM(CreditEntry.amount), 0))
+        .where(
+            (CreditEntry.organization == organization_id)
+            & (CreditEntry.entry_type.in_(SPEND_TYPES))
+            & (CreditEntry.created_at >= start)
+            & (CreditEntry.created_at < end)
+        )
+        .scalar()
+    )
+    return -int(total)
+
+
+def check_can_spend(account: BillingAccount, amount: int, overdraft: int) -> None:
+    """Raise PaymentRequired if `amount` more may not be spent now. Needs the account lock."""
+    if account.suspended_at is not None:
+        raise PaymentRequired("the organization is suspended")
+    if account.payment_grace_period_ends_at is not None:
+        raise PaymentRequired("a payment failed; update the payment method to continue")
+    if account.usage_cap is not None:
+        spent = period_spend(account.organization_id, utcnow()) + account.reserved_credits
+        if spent + amount > account.usage_cap:
+            raise PaymentRequired("this would exceed the usage cap for the current period")
+    available = account.credits_balance - account.reserved_credits
+    if available - amount < -overdraft:
+        raise PaymentRequired("not enough available credits")
+
+
+def _maybe_request_auto_recharge(account: BillingAccount) -> None:
+    """Enqueue one auto-recharge when available fell below the threshold (one in flight)."""
+    if not account.auto_recharge_enabled or account.auto_recharge_threshold is None:
+        return
+    if account.credits_balance - account.reserved_credits >= account.auto_recharge_threshold:
+        return
+    in_flight = (
+        AutoRechargeRequest.select()
+        .where(
+            (AutoRechargeRequest.organization == account.organization_id)
+            & (AutoRechargeRequest.status.in_(IN_FLIGHT_RECHARGE))
+        )
+        .exists()
+    )
+    if not in_flight:
+        AutoRechargeRequest.create(
+            id=str(uuid.uuid4()),
+            organization=account.organization_id,
+            amount=account.auto_recharge_amount,
+        )
+
+
+def grant(
+    organization_id: str,
+    amount: int,
+    entry_type: str,
+    reason: str | None = None,
+    reference_id: str | None = None,
+    idempotency_ref: str | None = None,
+) -> LedgerResult:
+    """Add credits (top-up, welcome grant, recharge, positive adjustment)."""
+    if entry_type not in CREDIT_TYPES:
+        raise InvalidRequest(f"{entry_type} is not a credit entry type")
+    _check_amount(amount)
+    with write_transaction():
+        account = lock_account(organization_id)
+        existing = _replay(idempotency_ref, organization_id)
+        if existing is not None:
+            return _result(account, existing, True)
+        entry = _append(account, entry_type, amount, reason, reference_id, idempotency_ref)
+        return _result(account, entry, False)
+
+
+def debit(
+    organization_id: str,
+    amount: int,
+    entry_type: str = "charge",
+    reason: str | None = None,
+    reference_id: str | None = None,
+    idempotency_ref: str | None = None,
+    overdraft: int = 0,
+) -> LedgerResult:
+    """Take credits for spending; refused with 402 when the guards say no."""
+    if entry_type not in DEBIT_TYPES:
+        raise InvalidRequest(f"{entry_type} is not a debit entry type")
+    _check_amount(amount, allow_zero=True)
+    with write_transaction():
+        account = lock_account(organization_id)
+        existing = _replay(idempotency_ref, organization_id)
+        if existing is not None:
+            return _result(account, existing, True)
+        entry = debit_locked(
+            account, amount, entry_type, reason, reference_id, idempotency_ref, overdraft
+        )
+        return _result(account, entry, False)
+
+
+def debit_locked(
+    account: BillingAccount,
+    amount: int,
+    entry_type: str,
+    reason: str | None,
+    reference_id: str | None,
+    idempotency_ref: str | None,
+    overdraft: int,
+) -> CreditEntry:
+    """The debit itself, for callers already inside a write transaction holding the lock."""
+    check_can_spend(account, amount, overdraft)
+    entry = _append(account, entry_type, -amount, reason, reference_id, idempotency_ref)
+    _maybe_request_auto_recharge(account)
+    return entry
+
+
+def take_back(
+    organization_id: str,
+    amount: int,
+    entry_type: str,
+    reason: str | None,
+    reference_id: str | None,
+    idempotency_ref: str,
+) -> LedgerResult:
+    """Reverse credits for a refund or lost dispute: at most what remains available.
+
+    Credits already spent cannot be clawed back from the ledger; the shortfall is the
+    payment provider's matter, so the balance never goes negative through a reversal.
+    """
+    _check_amount(amount)
+    with write_transaction():
+        account = lock_account(organization_id)
+        existing = _replay(idempotency_ref, organization_id)
+        if existing is not None:
+            return _result(account, existing, True)
+        remaining = max(0, account.credits_balance - account.reserved_credits)
+        taken = min(amount, remaining)
+        entry = _append(account, entry_type, -taken, reason, reference_id, idempotency_ref)
+        return _result(account, entry, False)
+
+
+def adjust(
+    organization_id: str,
+    amount: int,
+    reason: str,
+    idempotency_ref: str | None = None,
+    overdraft: int = 0,
+) -> LedgerResult:
+    """A signed correction by an operator; a negative one may not overdraw."""
+    if amount == 0 or isinstance(amount, bool) or not isinstance(amount, int):
+        raise InvalidRequest("an adjustment must be a non-zero integer")
+    if amount > 0:
+        return grant(organization_id, amount, "adjustment", reason, None, idempotency_ref)
+    with write_transaction():
+        account = lock_account(organization_id)
+        existing = _replay(idempotency_ref, organization_id)
+        if existing is not None:
+            return _result(account, existing, True)
+        available = account.credits_balance - account.reserved_credits
+        if available + amount < -overdraft:
+            raise PaymentRequired("not enough available credits")
+        entry = _append(account, "adjustment", amount, reason, None, idempotency_ref)
+        return _result(account, entry, False)
+
+
+# --- reservations ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReservationResult:
+    reservation: Reservation
+    balance: int
+    reserved: int
+    replayed: bool = False
+
+
+def _reservation_result(
+    account: BillingAccount, reservation: Reservation, replayed: bool
+) -> ReservationResult:
+    return ReservationResult(
+        reservation, account.credits_balance, account.reserved_credits, replayed
+    )
+
+
+def reserve(
+    organization_id: str, amount: int, reference_id: str, overdraft: int = 0
+) -> ReservationResult:
+    """Hold credits for work in progress; the same reference holds once."""
+    _check_amount(amount)
+    with write_transaction():
+        account = lock_account(organization_id)
+        existing = Reservation.get_or_none(
+            (Reservation.organization == organization_id)
+            & (Reservation.reference_id == reference_id)
+        )
+        if existing is not None:
+            if existing.amount != amount:
+                raise Conflict("this reservation reference was used with another amount")
+            return _reservation_result(account, existing, True)
+        check_can_spend(account, amount, overdraft)
+        reservation = Reservation.create(
+            id=str(uuid.uuid4()),
+            organization=organization_id,
+            amount=amount,
+            reference_id=reference_id,
+        )
+        _move_reserved(account, amount)
+        _maybe_request_auto_recharge(account)
+        return _reservation_result(account, reservation, False)
+
+
+def _move_reserved(account: BillingAccount, delta: int) -> None:
+    account.reserved_credits += delta
+    account.updated_at = utcnow()
+    account.save(only=[BillingAccount.reserved_credits, BillingAccount.updated_at])
+
+
+def _lock_reservation(
+    organization_id: str, reservation_id: str
+) -> tuple[BillingAccount, Reservation]:
+    account = lock_account(organization_id)
+    reservation = Reservation.get_or_none(
+        (Reservation.id == reservation_id) & (Reservation.organization == organization_id)
+    )
+    if reservation is None:
+        raise NotFound("reservation not found")
+    return account, reservation
+
+
+def finalize_reservation(
+    organization_id: str, reservation_id: str, actual_amount: int, overdraft: int = 0
+) -> ReservationResult:
+    """Charge the actual amount and release the rest of the hold.
+
+    Finalizing again with the same amount replays; another amount, or finalizing a released
+    reservation, is a 409. An actual amount above the hold is charged only if the extra is
+    available (the usual guards apply to the extra).
+    """
+    _check_amount(actual_amount, allow_zero=True)
+    with write_transaction():
+        account, reservation = _lock_reservation(organization_id, reservation_id)
+        if reservation.status == "finalized":
+            if reservation.final_amount != actual_amount:
+                raise Conflict("the reservation was finalized with another amount")
+            return _reservation_result(account, reservation, True)
+        if reservation.status != "open":
+            raise Conflict(f"the reservation is {reservation.status}")
+        _move_reserved(account, -reservation.amount)
+        if actual_amount > reservation.amount:
+            # The hold is back in `available`, so checking the whole actual amount is exact.
+            check_can_spend(account, actual_amount, overdraft)
+        entry = _append(
+            account,
+            "charge",
+            -actual_amount,
+            "reservation finalized",
+            reservation.reference_id,
+            f"reservation:{reservation.id}",
+        )
+        reservation.status = "finalized"
+        reservation.final_amount = actual_amount
+        reservation.credit_entry = entry
+        reservation.closed_at = utcnow()
+        reservation.save()
+        _maybe_request_auto_recharge(account)
+        return _reservation_result(account, reservation, False)
+
+
+def release_reservation(organization_id: str, reservation_id: str) -> ReservationResult:
+    """Give the whole hold back; releasing twice replays, releasing a finalized one is a 409."""
+    with write_transaction():
+        account, reservation = _lock_reservation(organization_id, reservation_id)
+        if reservation.status == "released":
+            return _reservation_result(account, reservation, True)
+        if reservation.status != "open":
+            raise Conflict(f"the reservation is {reservation.status}")
+        _move_reserved(account, -reservation.amount)
+        reservation.status = "released"
+        reservation.closed_at = utcnow()
+        reservation.save()
+        return _reservation_result(account, reservation, False)

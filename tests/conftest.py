@@ -1,0 +1,113 @@
+"""Shared fixtures: one migrated database per run (SQLite file, or PostgreSQL when
+TEST_DATABASE_URL says so), emptied between tests, and the HTTP app with response validation on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+_tmp = tempfile.mkdtemp(prefix="billing-tests-")
+os.environ["DATABASE_URL"] = os.environ.get(
+    "TEST_DATABASE_URL", f"sqlite:///{_tmp}/billing.sqlite3"
+)
+os.environ["RESPONSE_VALIDATION"] = "true"
+os.environ["JWT_SECRET"] = "test-secret-that-is-long-enough-for-hs256-0001"
+os.environ["SERVICE_TOKEN"] = "test-service-token-0123456789abcdef"
+for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_BASE"):
+    os.environ.pop(name, None)
+
+from billing.auth import mint_user_token  # noqa: E402
+from billing.config import get_settings  # noqa: E402
+from billing.organizations import add_member, create_organization  # noqa: E402
+from models import ALL_MODELS, connect_database, database, is_postgres  # noqa: E402
+from models.migrate import migrate  # noqa: E402
+
+SERVICE_HEADERS = {"X-Service-Token": os.environ["SERVICE_TOKEN"]}
+
+
+@pytest.fixture(scope="session")
+def db():
+    get_settings.cache_clear()
+    settings = get_settings()
+    database_obj = connect_database(settings.database_url, pool_size=40)
+    if is_postgres():
+        with database_obj.connection_context():
+            database_obj.execute_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+    migrate(database_obj)
+    return database_obj
+
+
+def _truncate() -> None:
+    with database.connection_context():
+        tables = [m._meta.table_name for m in reversed(ALL_MODELS)]
+        if is_postgres():
+            database.execute_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+        else:
+            for table in tables:
+                database.execute_sql(f"DELETE FROM {table}")
+
+
+@pytest.fixture(autouse=True)
+def clean_db(db) -> Iterator[None]:
+    _truncate()
+    yield
+
+
+@pytest.fixture
+def conn(db) -> Iterator[None]:
+    """A connection held by the test thread, for service-level tests."""
+    with database.connection_context():
+        yield
+
+
+@pytest.fixture(scope="session")
+def app(db):
+    from handlers.app import create_app
+
+    return create_app(get_settings())
+
+
+@pytest.fixture
+def client(app):
+    with app.test_client() as test_client:
+        yield test_client
+
+
+def token_for(user_id: str, email: str | None = None, ttl: int = 3600) -> str:
+    return mint_user_token(user_id, get_settings(), email, ttl)
+
+
+def bearer(user_id: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_for(user_id)}"}
+
+
+@dataclass
+class Org:
+    id: str
+    owner: dict[str, str]
+    admin: dict[str, str]
+    member: dict[str, str]
+    outsider: dict[str, str]
+
+
+@pytest.fixture
+def org(db) -> Org:
+    """An organization with an owner, an admin and a member, and an outsider who is in none."""
+    suffix = uuid.uuid4().hex[:8]
+    with database.connection_context():
+        organization = create_organization(f"Org {suffix}")
+        for role in ("owner", "admin", "member"):
+            add_member(organization.id, f"{role}-{suffix}", role, f"{role}@example.com")
+    return Org(
+        id=organization.id,
+        owner=bearer(f"owner-{suffix}"),
+        admin=bearer(f"admin-{suffix}"),
+        member=bearer(f"member-{suffix}"),
+        outsider=bearer(f"outsider-{suffix}"),
+    )
