@@ -6,6 +6,8 @@ import datetime as dt
 from typing import Any
 
 from billing.history import HistoryPage
+from billing.ledger import ReservationResult
+from billing.metering import RecordedUsage
 from billing.plans import is_subscribed
 from billing.usage import UsageSummary
 from models import BillingAccount, CreditEntry
@@ -83,4 +85,35 @@ def usage_summary(summary: UsageSummary) -> dict[str, Any]:
         "periodEnd": iso(summary.period_end),
         "totalQuantity": summary.total_quantity,
         "totalCostDecimillicents": summary.total_cost,
+    }
+
+
+def recorded_usage(result: RecordedUsage) -> dict[str, Any]:
+    record = result.record
+    return {
+        "id": str(record.id),
+        "organizationId": record.organization_id,
+        "category": record.category,
+        "quantity": record.quantity,
+        "unitCostDecimillicents": record.unit_cost,
+        "costDecimillicents": record.cost,
+        "referenceId": record.reference_id,
+        "createdAt": iso(record.created_at),
+        "availableDecimillicents": result.balance - result.reserved,
+        "replayed": result.replayed,
+    }
+
+
+def reservation(result: ReservationResult) -> dict[str, Any]:
+    held = result.reservation
+    return {
+        "id": held.id,
+        "organizationId": held.organization_id,
+        "amountDecimillicents": held.amount,
+        "status": held.status,
+        "referenceId": held.reference_id,
+        "finalAmountDecimillicents": held.final_amount,
+        "createdAt": iso(held.created_at),
+        "availableDecimillicents": result.balance - result.reserved,
+        "replayed": result.replayed,
     }

@@ -17,6 +17,7 @@ os.environ["DATABASE_URL"] = os.environ.get(
     "TEST_DATABASE_URL", f"sqlite:///{_tmp}/billing.sqlite3"
 )
 os.environ["RESPONSE_VALIDATION"] = "true"
+os.environ["DB_POOL_SIZE"] = "40"  # the concurrency tests run 16 threads with a connection each
 os.environ["JWT_SECRET"] = "test-secret-that-is-long-enough-for-hs256-0001"
 os.environ["SERVICE_TOKEN"] = "test-service-token-0123456789abcdef"
 for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "STRIPE_API_BASE"):
@@ -35,7 +36,7 @@ SERVICE_HEADERS = {"X-Service-Token": os.environ["SERVICE_TOKEN"]}
 def db():
     get_settings.cache_clear()
     settings = get_settings()
-    database_obj = connect_database(settings.database_url, pool_size=40)
+    database_obj = connect_database(settings.database_url, settings.db_pool_size)
     if is_postgres():
         with database_obj.connection_context():
             database_obj.execute_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
