@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     )
     public_base_url: str = "http://127.0.0.1:8000"
     payment_grace_period_days: int = Field(default=7, ge=0, le=60)
+    auto_recharge_cooldown_seconds: int = Field(default=600, ge=0, le=86_400)
+    auto_recharge_max_failures: int = Field(default=3, ge=1, le=20)
     overdraft_limit_decimillicents: int = Field(default=0, ge=0)
 
     response_validation: bool = False

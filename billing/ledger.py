@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from peewee import fn
 
 from billing.accounts import lock_account
+from billing.config import get_settings
 from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
 from billing.units import INT64_MAX
 from billing.usage import current_month
@@ -38,7 +39,7 @@ CREDIT_TYPES = frozenset({"adjustment", "recharge", "initial_grant", "top_up", "
 DEBIT_TYPES = frozenset({"charge", "refund", "dispute", "adjustment"})
 # Entries that count as spending against the usage cap.
 SPEND_TYPES = ("charge",)
-IN_FLIGHT_RECHARGE = ("pending", "processing", "requires_action")
+IN_FLIGHT_RECHARGE = ("pending", "processing")
 
 
 @dataclass(frozen=True)
@@ -133,18 +134,26 @@ def check_can_spend(account: BillingAccount, amount: int, overdraft: int) -> Non
 
 
 def _maybe_request_auto_recharge(account: BillingAccount) -> None:
-    """Enqueue one auto-recharge when available fell below the threshold (one in flight)."""
+    """Enqueue one auto-recharge when available fell below the threshold.
+
+    At most one request is pending or processing per organization, and none is made within
+    the cooldown after the previous one, so a failing card is not hammered.
+    """
     if not account.auto_recharge_enabled or account.auto_recharge_threshold is None:
+        return
+    if account.auto_recharge_amount is None:
         return
     if account.credits_balance - account.reserved_credits >= account.auto_recharge_threshold:
         return
-    in_flight = (
-        AutoRechargeRequest.select()
-        .where(
-            (AutoRechargeRequest.organization == account.organization_id)
-            & (AutoRechargeRequest.status.in_(IN_FLIGHT_RECHARGE))
-        )
-        .exists()
+    latest = (
+        AutoRechargeRequest.select(AutoRechargeRequest.status, AutoRechargeRequest.created_at)
+        .where(AutoRechargeRequest.organization == account.organization_id)
+        .order_by(AutoRechargeRequest.created_at.desc())
+        .first()
+    )
+    cooldown = dt.timedelta(seconds=get_settings().auto_recharge_cooldown_seconds)
+    in_flight = latest is not None and (
+        latest.status in IN_FLIGHT_RECHARGE or latest.created_at > utcnow() - cooldown
     )
     if not in_flight:
         AutoRechargeRequest.create(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import re
 from collections.abc import Callable
@@ -40,6 +41,8 @@ class BillingResolver(Resolver):
 
     def resolve_function_from_operation_id(self, operation_id: str) -> Callable[..., Any]:
         handler = super().resolve_function_from_operation_id(operation_id)
+        if inspect.iscoroutinefunction(handler):
+            return handler  # async handlers manage their own connection in a worker thread
 
         @functools.wraps(handler)
         def with_connection(*args: Any, **kwargs: Any) -> Any:

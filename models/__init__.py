@@ -5,6 +5,7 @@ from models.entities import (
     ALL_MODELS,
     AutoRechargeRequest,
     BillingAccount,
+    CheckoutSession,
     CreditEntry,
     IdempotencyRecord,
     Membership,
@@ -12,6 +13,7 @@ from models.entities import (
     ReminderDismissal,
     Reservation,
     UsageRecord,
+    WebhookEvent,
     utcnow,
 )
 
@@ -19,6 +21,7 @@ __all__ = [
     "ALL_MODELS",
     "AutoRechargeRequest",
     "BillingAccount",
+    "CheckoutSession",
     "CreditEntry",
     "IdempotencyRecord",
     "Membership",
@@ -26,6 +29,7 @@ __all__ = [
     "ReminderDismissal",
     "Reservation",
     "UsageRecord",
+    "WebhookEvent",
     "connect_database",
     "connection",
     "database",

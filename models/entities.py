@@ -73,6 +73,10 @@ class BillingAccount(BaseModel):
     payment_grace_period_ends_at = peewee.DateTimeField(null=True)
     created_at = peewee.DateTimeField(default=utcnow)
     updated_at = peewee.DateTimeField(default=utcnow)
+    # `created` of the newest subscription event applied: older events never overwrite it.
+    subscription_state_at = peewee.BigIntegerField(null=True)
+    welcome_credit_granted_at = peewee.DateTimeField(null=True)
+    auto_recharge_disabled_reason = peewee.CharField(max_length=500, null=True)
 
     class Meta:
         table_name = "billing_accounts"
@@ -156,6 +160,7 @@ class AutoRechargeRequest(BaseModel):
     attempts = peewee.IntegerField(default=0)
     created_at = peewee.DateTimeField(default=utcnow)
     updated_at = peewee.DateTimeField(default=utcnow)
+    completed_at = peewee.DateTimeField(null=True)
 
     class Meta:
         table_name = "auto_recharge_requests"
@@ -174,6 +179,41 @@ class IdempotencyRecord(BaseModel):
         table_name = "idempotency_records"
 
 
+class CheckoutSession(BaseModel):
+    """A checkout (subscription) or top-up session we created, Stripe's or local."""
+
+    id = peewee.CharField(primary_key=True, max_length=255)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
+    kind = peewee.CharField(max_length=16)
+    plan = peewee.CharField(max_length=16, null=True)
+    amount = peewee.BigIntegerField(null=True)
+    url = peewee.CharField(max_length=2048)
+    status = peewee.CharField(max_length=16, default="open")
+    created_at = peewee.DateTimeField(default=utcnow)
+    completed_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        table_name = "checkout_sessions"
+
+
+class WebhookEvent(BaseModel):
+    """A Stripe event, stored once by its id; `processed_at` is set in the same transaction
+    as the event's effects, which is what makes processing exactly-once."""
+
+    id = peewee.CharField(primary_key=True, max_length=255)
+    event_type = peewee.CharField(max_length=255)
+    stripe_created = peewee.BigIntegerField()
+    payload = peewee.TextField()
+    organization_id = peewee.CharField(max_length=36, null=True)
+    outcome = peewee.CharField(max_length=500, null=True)
+    received_at = peewee.DateTimeField(default=utcnow)
+    processed_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        table_name = "webhook_events"
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     Organization,
     Membership,
@@ -184,4 +224,6 @@ ALL_MODELS: list[type[BaseModel]] = [
     Reservation,
     AutoRechargeRequest,
     IdempotencyRecord,
+    CheckoutSession,
+    WebhookEvent,
 ]

@@ -1,0 +1,170 @@
+"""Checkout, top-up and portal sessions, and completing a local checkout.
+
+Customers: created on first need, under the account lock, with a Stripe idempotency key derived
+from the organization, so concurrent first calls create one customer. Nothing is written when
+Stripe fails: the session row is stored only after Stripe answered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from billing import ledger
+from billing.accounts import get_account, lock_account
+from billing.config import Settings
+from billing.errors import InvalidRequest, NotFound
+from billing.plans import PLANS
+from billing.stripe_gateway import BillingGateway, SessionInfo
+from billing.subscriptions import SubscriptionState, apply_subscription_state, grant_welcome_credit
+from billing.units import CENT, TOP_UP_MAX, TOP_UP_MIN
+from models import CheckoutSession, utcnow, write_transaction
+
+LOCAL_PAYMENT_METHOD = "pm_local_card"
+
+
+def ensure_customer(organization_id: str, gateway: BillingGateway) -> str:
+    account = get_account(organization_id)
+    if account.stripe_customer_id:
+        return account.stripe_customer_id
+    with write_transaction():
+        account = lock_account(organization_id)
+        if account.stripe_customer_id is None:
+            account.stripe_customer_id = gateway.create_customer(
+                organization_id, account.billing_email
+            )
+            account.save(only=[type(account).stripe_customer_id])
+        return account.stripe_customer_id
+
+
+def _price_for(plan: str, settings: Settings) -> str:
+    return {
+        "try_me": settings.stripe_price_try_me,
+        "pro": settings.stripe_price_pro,
+        "agency": settings.stripe_price_agency,
+    }[plan]
+
+
+def start_subscription_checkout(
+    organization_id: str,
+    plan: str,
+    success_url: str,
+    cancel_url: str,
+    gateway: BillingGateway,
+    settings: Settings,
+    idempotency_key: str | None = None,
+) -> SessionInfo:
+    if plan not in PLANS:
+        raise InvalidRequest(f"subscriptionPlan must be one of {', '.join(PLANS)}")
+    customer = ensure_customer(organization_id, gateway)
+    session = gateway.create_subscription_checkout(
+        organization_id,
+        customer,
+        _price_for(plan, settings),
+        plan,
+        success_url,
+        cancel_url,
+        f"checkout:{organization_id}:{idempotency_key or uuid.uuid4()}",
+    )
+    CheckoutSession.insert(
+        id=session.id,
+        organization=organization_id,
+        kind="subscription",
+        plan=plan,
+        url=session.url,
+    ).on_conflict_ignore().execute()
+    return session
+
+
+def start_top_up(
+    organization_id: str,
+    amount: int,
+    success_url: str,
+    cancel_url: str,
+    gateway: BillingGateway,
+    idempotency_key: str | None = None,
+) -> SessionInfo:
+    if (
+        isinstance(amount, bool)
+        or not isinstance(amount, int)
+        or not TOP_UP_MIN <= amount <= TOP_UP_MAX
+    ):
+        raise InvalidRequest(f"amountDecimillicents must be from {TOP_UP_MIN} to {TOP_UP_MAX}")
+    if amount % CENT:
+        raise InvalidRequest("amountDecimillicents must be a whole number of cents (100000)")
+    customer = ensure_customer(organization_id, gateway)
+    session = gateway.create_top_up_checkout(
+        organization_id,
+        customer,
+        amount,
+        success_url,
+        cancel_url,
+        f"top-up:{organization_id}:{idempotency_key or uuid.uuid4()}",
+    )
+    CheckoutSession.insert(
+        id=session.id,
+        organization=organization_id,
+        kind="top_up",
+        amount=amount,
+        url=session.url,
+    ).on_conflict_ignore().execute()
+    return session
+
+
+def open_portal(organization_id: str, return_url: str, gateway: BillingGateway) -> SessionInfo:
+    return gateway.create_portal_session(ensure_customer(organization_id, gateway), return_url)
+
+
+def grant_top_up(organization_id: str, amount: int, payment_reference: str) -> bool:
+    """Credits for a paid top-up; the payment's reference makes it apply once."""
+    result = ledger.grant(
+        organization_id,
+        amount,
+        "top_up",
+        "credit top-up",
+        payment_reference,
+        f"topup:{payment_reference}",
+    )
+    return not result.replayed
+
+
+def complete_local_checkout(organization_id: str) -> CheckoutSession:
+    """Local billing mode: finish the newest open session as Stripe's webhooks would."""
+    with write_transaction():
+        session = (
+            CheckoutSession.select()
+            .where(
+                (CheckoutSession.organization == organization_id)
+                & (CheckoutSession.status == "open")
+            )
+            .order_by(CheckoutSession.created_at.desc(), CheckoutSession.id.desc())
+            .first()
+        )
+        if session is None:
+            raise NotFound("no open local checkout for this organization")
+        account = lock_account(organization_id)
+        if not account.stripe_payment_method_id:
+            account.stripe_payment_method_id = LOCAL_PAYMENT_METHOD
+            account.save(only=[type(account).stripe_payment_method_id])
+        if session.kind == "subscription":
+            now = utcnow()
+            apply_subscription_state(
+                organization_id,
+                SubscriptionState(
+                    subscription_id=account.stripe_subscription_id
+                    or f"sub_local_{uuid.uuid4().hex[:16]}",
+                    status="active",
+                    plan=session.plan,
+                    started_at=now,
+                    ends_at=None,
+                    current_period_end=now + dt.timedelta(days=30),
+                ),
+                int(now.timestamp()),
+            )
+            grant_welcome_credit(organization_id, session.plan, session.id)
+        else:
+            grant_top_up(organization_id, session.amount, session.id)
+        session.status = "completed"
+        session.completed_at = utcnow()
+        session.save()
+        return session

@@ -1,0 +1,308 @@
+"""The only module that talks to Stripe, through the official `stripe` library.
+
+Every call has an explicit timeout, bounded retries (the library retries connection errors,
+409s and 5xx with backoff) and an idempotency key, so a retried request never creates a
+second customer, session or charge. A Stripe failure becomes `UpstreamUnavailable`, which
+callers let propagate before they write anything.
+
+`LocalGateway` is the embedded default (local billing mode): the same interface with no
+network, so the service runs with no Stripe account.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import stripe
+
+from billing.config import Settings, get_settings
+from billing.errors import InvalidRequest, UpstreamUnavailable
+from billing.units import to_stripe_cents
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    url: str
+
+
+@dataclass(frozen=True)
+class ChargeOutcome:
+    status: Literal["succeeded", "requires_action", "failed"]
+    payment_intent_id: str | None
+    client_secret: str | None = None
+    failure_reason: str | None = None
+
+
+class BillingGateway(Protocol):
+    local: bool
+
+    def create_customer(self, organization_id: str, email: str | None) -> str: ...
+
+    def create_subscription_checkout(
+        self,
+        organization_id: str,
+        customer_id: str,
+        price_id: str,
+        plan: str,
+        success_url: str,
+        cancel_url: str,
+        idempotency_key: str,
+    ) -> SessionInfo: ...
+
+    def create_top_up_checkout(
+        self,
+        organization_id: str,
+        customer_id: str,
+        amount: int,
+        success_url: str,
+        cancel_url: str,
+        idempotency_key: str,
+    ) -> SessionInfo: ...
+
+    def create_portal_session(self, customer_id: str, return_url: str) -> SessionInfo: ...
+
+    def charge_off_session(
+        self,
+        organization_id: str,
+        customer_id: str,
+        payment_method_id: str,
+        amount: int,
+        attempt_id: str,
+    ) -> ChargeOutcome: ...
+
+    def verify_event(self, payload: bytes, signature: str) -> dict[str, Any]: ...
+
+
+def _metadata(organization_id: str, kind: str, **extra: str) -> dict[str, str]:
+    return {"organization_id": organization_id, "kind": kind, **extra}
+
+
+class StripeGateway:
+    local = False
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.stripe_secret_key is not None
+        base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+        self._client = stripe.StripeClient(
+            settings.stripe_secret_key.get_secret_value(),
+            base_addresses=base,  # type: ignore[arg-type]
+            max_network_retries=settings.stripe_max_retries,
+            http_client=stripe.HTTPXClient(timeout=settings.stripe_timeout_seconds),
+        )
+        self._webhook_secret = (
+            settings.stripe_webhook_secret.get_secret_value()
+            if settings.stripe_webhook_secret
+            else None
+        )
+
+    @staticmethod
+    def _call(fn: Any, params: dict[str, Any], idempotency_key: str | None = None) -> Any:
+        options = {"idempotency_key": idempotency_key} if idempotency_key else {}
+        try:
+            return fn(params=params, options=options)
+        except stripe.InvalidRequestError as exc:
+            raise InvalidRequest(
+                f"the payment provider refused the request: {exc.user_message or exc.code}"
+            ) from None
+        except stripe.StripeError as exc:
+            raise UpstreamUnavailable(
+                "the payment provider is unavailable; nothing was changed, retry later"
+            ) from exc
+
+    def create_customer(self, organization_id: str, email: str | None) -> str:
+        params: dict[str, Any] = {"metadata": {"organization_id": organization_id}}
+        if email:
+            params["email"] = email
+        customer = self._call(
+            self._client.v1.customers.create, params, f"customer:{organization_id}"
+        )
+        return str(customer.id)
+
+    def create_subscription_checkout(
+        self,
+        organization_id: str,
+        customer_id: str,
+        price_id: str,
+        plan: str,
+        success_url: str,
+        cancel_url: str,
+        idempotency_key: str,
+    ) -> SessionInfo:
+        metadata = _metadata(organization_id, "subscription", plan=plan)
+        session = self._call(
+            self._client.v1.checkout.sessions.create,
+            {
+                "mode": "subscription",
+                "customer": customer_id,
+                "client_reference_id": organization_id,
+                "line_items": [{"price": price_id, "quantity": 1}],
+                "success_url": success_url,
+                "cancel_url": cancel_url,
+                "metadata": metadata,
+                "subscription_data": {"metadata": metadata},
+            },
+            idempotency_key,
+        )
+        return SessionInfo(str(session.id), str(session.url))
+
+    def create_top_up_checkout(
+        self,
+        organization_id: str,
+        customer_id: str,
+        amount: int,
+        success_url: str,
+        cancel_url: str,
+        idempotency_key: str,
+    ) -> SessionInfo:
+        metadata = _metadata(organization_id, "top_up", amount_decimillicents=str(amount))
+        session = self._call(
+            self._client.v1.checkout.sessions.create,
+            {
+                "mode": "payment",
+                "customer": customer_id,
+                "client_reference_id": organization_id,
+                "line_items": [
+                    {
+                        "price_data": {
+                            "currency": "usd",
+                            "unit_amount": to_stripe_cents(amount),
+                            "product_data": {"name": "Credit top-up"},
+                        },
+                        "quantity": 1,
+                    }
+                ],
+                "success_url": success_url,
+                "cancel_url": cancel_url,
+                "metadata": metadata,
+                "payment_intent_data": {"metadata": metadata, "setup_future_usage": "off_session"},
+            },
+            idempotency_key,
+        )
+        return SessionInfo(str(session.id), str(session.url))
+
+    def create_portal_session(self, customer_id: str, return_url: str) -> SessionInfo:
+        session = self._call(
+            self._client.v1.billing_portal.sessions.create,
+            {"customer": customer_id, "return_url": return_url},
+            f"portal:{uuid.uuid4()}",
+        )
+        return SessionInfo(str(session.id), str(session.url))
+
+    def charge_off_session(
+        self,
+        organization_id: str,
+        customer_id: str,
+        payment_method_id: str,
+        amount: int,
+        attempt_id: str,
+    ) -> ChargeOutcome:
+        params = {
+            "amount": to_stripe_cents(amount),
+            "currency": "usd",
+            "customer": customer_id,
+            "payment_method": payment_method_id,
+            "off_session": True,
+            "confirm": True,
+            "metadata": _metadata(
+                organization_id,
+                "auto_recharge",
+                attempt_id=attempt_id,
+                amount_decimillicents=str(amount),
+            ),
+        }
+        try:
+            intent = self._client.v1.payment_intents.create(
+                params=params,  # type: ignore[arg-type]
+                options={"idempotency_key": f"auto-recharge:{attempt_id}"},
+            )
+        except stripe.CardError as exc:
+            # Real Stripe answers an off-session 3-D Secure need with a card error whose
+            # payment intent carries the client secret; a decline has the same shape.
+            failed = exc.error.payment_intent if exc.error else None
+            failed_id = getattr(failed, "id", None)
+            if exc.code == "authentication_required" and failed_id:
+                secret = getattr(failed, "client_secret", None)
+                return ChargeOutcome("requires_action", failed_id, secret)
+            return ChargeOutcome("failed", failed_id, None, exc.code or "card_declined")
+        except stripe.StripeError as exc:
+            raise UpstreamUnavailable("the payment provider is unavailable") from exc
+        if intent.status == "succeeded":
+            return ChargeOutcome("succeeded", intent.id)
+        if intent.status == "requires_action":
+            return ChargeOutcome("requires_action", intent.id, intent.client_secret)
+        return ChargeOutcome("failed", intent.id, None, f"payment intent {intent.status}")
+
+    def verify_event(self, payload: bytes, signature: str) -> dict[str, Any]:
+        if self._webhook_secret is None:
+            raise InvalidRequest("no webhook signing secret is configured")
+        try:
+            stripe.WebhookSignature.verify_header(
+                payload.decode("utf-8"), signature, self._webhook_secret, tolerance=300
+            )
+        except (stripe.SignatureVerificationError, UnicodeDecodeError):
+            raise InvalidRequest("the Stripe-Signature does not match the body") from None
+        return _parse_event(payload)
+
+
+def _parse_event(payload: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise InvalidRequest("the event is not JSON") from None
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str):
+        raise InvalidRequest("the event has no id")
+    return event
+
+
+class LocalGateway:
+    """Local billing mode: sessions point at this server; charges always succeed."""
+
+    local = True
+
+    def __init__(self, settings: Settings) -> None:
+        self._base = settings.public_base_url.rstrip("/")
+
+    def create_customer(self, organization_id: str, email: str | None) -> str:
+        return f"cus_local_{uuid.uuid4().hex[:16]}"
+
+    def _session(self, kind: str) -> SessionInfo:
+        session_id = f"cs_local_{uuid.uuid4().hex}"
+        return SessionInfo(session_id, f"{self._base}/local/{kind}/{session_id}")
+
+    def create_subscription_checkout(self, *args: Any, **kwargs: Any) -> SessionInfo:
+        return self._session("checkout")
+
+    def create_top_up_checkout(self, *args: Any, **kwargs: Any) -> SessionInfo:
+        return self._session("top-up")
+
+    def create_portal_session(self, customer_id: str, return_url: str) -> SessionInfo:
+        return SessionInfo(f"bps_local_{uuid.uuid4().hex}", f"{self._base}/local/portal")
+
+    def charge_off_session(
+        self,
+        organization_id: str,
+        customer_id: str,
+        payment_method_id: str,
+        amount: int,
+        attempt_id: str,
+    ) -> ChargeOutcome:
+        return ChargeOutcome("succeeded", f"pi_local_{attempt_id.replace('-', '')}")
+
+    def verify_event(self, payload: bytes, signature: str) -> dict[str, Any]:
+        raise InvalidRequest("webhooks are not accepted in local billing mode")
+
+
+@functools.lru_cache(maxsize=1)
+def get_gateway() -> BillingGateway:
+    settings = get_settings()
+    if settings.stripe_secret_key is not None:
+        return StripeGateway(settings)
+    if settings.billing_local_mode:
+        return LocalGateway(settings)
+    raise InvalidRequest("billing is not configured: set STRIPE_SECRET_KEY or BILLING_LOCAL_MODE")
