@@ -12,6 +12,8 @@ network, so the service runs with no Stripe account.
 from __future__ import annotations
 
 import functools
+import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -21,6 +23,8 @@ import stripe
 from billing.config import Settings, get_settings
 from billing.errors import InvalidRequest, UpstreamUnavailable
 from billing.units import to_stripe_cents
+
+TOLERANCE = 300  # seconds a webhook signature stays valid, Stripe's default
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,9 @@ class StripeGateway:
             settings.stripe_secret_key.get_secret_value(),
             base_addresses=base,  # type: ignore[arg-type]
             max_network_retries=settings.stripe_max_retries,
-            http_client=stripe.HTTPXClient(timeout=settings.stripe_timeout_seconds),
+            http_client=stripe.HTTPXClient(
+                timeout=settings.stripe_timeout_seconds, allow_sync_methods=True
+            ),
         )
         self._webhook_secret = (
             settings.stripe_webhook_secret.get_secret_value()
@@ -241,16 +247,18 @@ class StripeGateway:
             raise InvalidRequest("no webhook signing secret is configured")
         try:
             stripe.WebhookSignature.verify_header(
-                payload.decode("utf-8"), signature, self._webhook_secret, tolerance=300
+                payload.decode("utf-8"), signature, self._webhook_secret, tolerance=TOLERANCE
             )
         except (stripe.SignatureVerificationError, UnicodeDecodeError):
             raise InvalidRequest("the Stripe-Signature does not match the body") from None
+        # The library bounds only the past; a timestamp far in the future is as suspect.
+        stamp = dict(p.split("=", 1) for p in signature.split(",") if "=" in p).get("t", "")
+        if not stamp.isdigit() or int(stamp) > time.time() + TOLERANCE:
+            raise InvalidRequest("the Stripe-Signature timestamp is in the future")
         return _parse_event(payload)
 
 
 def _parse_event(payload: bytes) -> dict[str, Any]:
-    import json
-
     try:
         event = json.loads(payload)
     except ValueError:

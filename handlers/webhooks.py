@@ -22,7 +22,9 @@ def _receive(payload: bytes, signature: str) -> dict[str, Any]:
     }
 
 
-async def receive_stripe_webhook(body: dict[str, Any], token_info: dict[str, Any]) -> Any:
+async def receive_stripe_webhook(token_info: dict[str, Any]) -> Any:
+    # No `body` parameter: Connexion would consume the stream parsing it, and the signature
+    # must be checked against the exact bytes Stripe sent.
     payload = await request.body()
     result = await run_in_threadpool(_receive, payload, token_info["signature"])
     return result, 200, {"Content-Type": "application/json"}

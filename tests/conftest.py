@@ -112,3 +112,41 @@ def org(db) -> Org:
         member=bearer(f"member-{suffix}"),
         outsider=bearer(f"outsider-{suffix}"),
     )
+
+
+@pytest.fixture(scope="session")
+def localstripe_url():
+    from tests.stripe_fakes import start_localstripe
+
+    proc, url = start_localstripe()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def stripe_front(localstripe_url):
+    from tests.stripe_fakes import FixtureFront
+
+    front = FixtureFront(localstripe_url)
+    yield front
+    front.close()
+
+
+@pytest.fixture
+def stripe_mode(stripe_front, monkeypatch):
+    """Run the app in Stripe mode against the fixture front and localstripe."""
+    from billing.stripe_gateway import get_gateway
+    from tests.stripe_fakes import API_KEY, WEBHOOK_SECRET
+
+    monkeypatch.setenv("STRIPE_SECRET_KEY", API_KEY)
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    monkeypatch.setenv("STRIPE_API_BASE", stripe_front.url)
+    monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
+    monkeypatch.setenv("STRIPE_TIMEOUT_SECONDS", "5")
+    get_settings.cache_clear()
+    get_gateway.cache_clear()
+    yield stripe_front
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    get_gateway.cache_clear()

@@ -1,0 +1,185 @@
+"""Test doubles for Stripe that keep the real `stripe` library in the loop.
+
+- `localstripe` (a stateful fake Stripe server, started as a subprocess on a free loopback port)
+  serves customers, payment methods and off-session PaymentIntents.
+- `FixtureFront`, an HTTP server in front of it, answers the endpoints localstripe lacks
+  (Checkout and Billing Portal sessions) with Stripe's own object shapes from
+  `shared/reference/stripe-fixtures3.json`, records the form parameters sent, and forwards every
+  other request to localstripe. The app's StripeClient points its api base address here.
+- `signed_event` builds a webhook body from a fixture object and signs it with
+  `stripe.WebhookSignature.generate_signature_header`, as Stripe does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import stripe
+
+FIXTURES_PATH = (
+    Path(__file__).resolve().parents[1].parent / "shared/reference/stripe-fixtures3.json"
+)
+WEBHOOK_SECRET = "whsec_test_billing_api_secret"
+API_KEY = "sk_test_localstripe"
+
+
+def fixtures() -> dict[str, Any]:
+    return json.loads(FIXTURES_PATH.read_text())["resources"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_localstripe() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    exe = Path(sys.executable).parent / "localstripe"
+    proc = subprocess.Popen(
+        [str(exe), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/v1/customers", auth=(API_KEY, ""), timeout=1)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("localstripe did not start")
+
+
+def _nested(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Stripe form encoding (a[b][0][c]=v) back into a dict, lists as dicts keyed '0', '1'."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        parts = key.replace("]", "").split("[")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+class FixtureFront:
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.requests: list[tuple[str, str, dict[str, Any]]] = []
+        self.fail_with: int | None = None  # answer every request with this status
+        self._fixtures = fixtures()
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _respond(self, status: int, body: bytes, content_type="application/json"):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                params = _nested(parse_qsl(raw.decode(), keep_blank_values=True))
+                path = self.path.split("?")[0]
+                front.requests.append((self.command, path, params))
+                if front.fail_with is not None:
+                    error = {"error": {"type": "api_error", "message": "injected"}}
+                    return self._respond(front.fail_with, json.dumps(error).encode())
+                if self.command == "POST" and path == "/v1/checkout/sessions":
+                    return self._respond(200, json.dumps(front.checkout(params)).encode())
+                if self.command == "POST" and path == "/v1/billing_portal/sessions":
+                    return self._respond(200, json.dumps(front.portal(params)).encode())
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() in ("authorization", "content-type", "idempotency-key")
+                }
+                upstream = httpx.request(
+                    self.command,
+                    front.backend + self.path,
+                    content=raw,
+                    headers=headers,
+                    timeout=10,
+                )
+                self._respond(upstream.status_code, upstream.content)
+
+            do_GET = do_POST = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def checkout(self, params: dict[str, Any]) -> dict[str, Any]:
+        session = copy.deepcopy(self._fixtures["checkout.session"])
+        session_id = f"cs_test_{uuid.uuid4().hex[:24]}"
+        session.update(
+            id=session_id,
+            url=f"https://checkout.stripe.com/c/pay/{session_id}",
+            mode=params.get("mode"),
+            customer=params.get("customer"),
+            client_reference_id=params.get("client_reference_id"),
+            metadata=params.get("metadata", {}),
+            success_url=params.get("success_url"),
+            cancel_url=params.get("cancel_url"),
+            status="open",
+            payment_status="unpaid",
+        )
+        return session
+
+    def portal(self, params: dict[str, Any]) -> dict[str, Any]:
+        session = copy.deepcopy(self._fixtures["billing_portal.session"])
+        session_id = f"bps_{uuid.uuid4().hex[:24]}"
+        session.update(
+            id=session_id,
+            customer=params.get("customer"),
+            return_url=params.get("return_url"),
+            url=f"https://billing.stripe.com/p/session/{session_id}",
+        )
+        return session
+
+    def sent(self, method: str, path: str) -> list[dict[str, Any]]:
+        return [p for m, pa, p in self.requests if m == method and pa == path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def stripe_object(kind: str, **fields: Any) -> dict[str, Any]:
+    obj = copy.deepcopy(fixtures()[kind])
+    obj.update(fields)
+    return obj
+
+
+def event_body(
+    event_type: str, obj: dict[str, Any], created: int | None = None, event_id: str | None = None
+) -> bytes:
+    event = copy.deepcopy(fixtures()["event"])
+    event.update(
+        id=event_id or f"evt_{uuid.uuid4().hex[:24]}",
+        type=event_type,
+        created=created if created is not None else int(time.time()),
+        data={"object": obj},
+    )
+    return json.dumps(event).encode()
+
+
+def signature_for(body: bytes, secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> str:
+    return stripe.WebhookSignature.generate_signature_header(body.decode(), secret, timestamp)

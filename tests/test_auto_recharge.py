@@ -1,0 +1,204 @@
+"""Auto-recharge against localstripe: off-session PaymentIntents through the real library."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import stripe
+
+from billing import accounts, ledger
+from billing.auto_recharge import drain
+from billing.config import get_settings
+from billing.stripe_gateway import get_gateway
+from billing.units import DOLLAR
+from models import AutoRechargeRequest, BillingAccount, CreditEntry, database
+from tests.ledger_checks import assert_ledger_invariants
+from tests.stripe_fakes import API_KEY, event_body, signature_for, stripe_object
+
+CARDS = {"ok": "4242424242424242", "declined": "4000000000000341", "3ds": "4000002760003184"}
+
+
+def saved_card(backend: str, org_id: str, card: str) -> tuple[str, str]:
+    """A localstripe customer with an attached card, linked to the organization."""
+    client = stripe.StripeClient(API_KEY, base_addresses={"api": backend})
+    customer = client.v1.customers.create(params={"metadata": {"organization_id": org_id}})
+    method = client.v1.payment_methods.create(
+        params={
+            "type": "card",
+            "card": {"number": CARDS[card], "exp_month": 12, "exp_year": 2030, "cvc": "123"},
+        }
+    )
+    client.v1.payment_methods.attach(method.id, params={"customer": customer.id})
+    BillingAccount.update(stripe_customer_id=customer.id, stripe_payment_method_id=method.id).where(
+        BillingAccount.organization == org_id
+    ).execute()
+    return customer.id, method.id
+
+
+def arm(org_id: str) -> None:
+    """Credits, auto-recharge settings, and a debit that crosses the threshold."""
+    ledger.grant(org_id, 10 * DOLLAR, "top_up", "seed")
+    accounts.update_settings(
+        org_id,
+        {
+            "auto_recharge_enabled": True,
+            "auto_recharge_threshold": 5 * DOLLAR,
+            "auto_recharge_amount": 20 * DOLLAR,
+        },
+    )
+    ledger.debit(org_id, 6 * DOLLAR)
+
+
+def rearm(org_id: str) -> None:
+    """Let the cooldown pass and cross the threshold again."""
+    for request in AutoRechargeRequest.select():
+        request.created_at -= dt.timedelta(hours=1)
+        request.save()
+    ledger.debit(org_id, 1)
+
+
+@pytest.fixture
+def conn_stripe(stripe_mode):
+    with database.connection_context():
+        yield stripe_mode
+
+
+def test_successful_recharge_grants_once(org, conn_stripe):
+    saved_card(conn_stripe.backend, org.id, "ok")
+    arm(org.id)
+    assert drain(get_gateway(), get_settings()) == 1
+    attempt = AutoRechargeRequest.get()
+    assert attempt.status == "succeeded" and attempt.stripe_payment_intent_id.startswith("pi_")
+    [sent] = conn_stripe.sent("POST", "/v1/payment_intents")
+    assert sent["amount"] == "2000" and sent["off_session"] == "true"
+    assert sent["metadata"]["kind"] == "auto_recharge"
+    account = assert_ledger_invariants(org.id)
+    assert account.credits_balance == 24 * DOLLAR
+    assert drain(get_gateway(), get_settings()) == 0  # nothing left
+
+
+def test_recharge_webhook_after_worker_grants_nothing_more(client, org, conn_stripe):
+    saved_card(conn_stripe.backend, org.id, "ok")
+    arm(org.id)
+    drain(get_gateway(), get_settings())
+    attempt = AutoRechargeRequest.get()
+    intent = stripe_object(
+        "payment_intent",
+        id=attempt.stripe_payment_intent_id,
+        amount=2000,
+        amount_received=2000,
+        status="succeeded",
+        metadata={"organization_id": org.id, "kind": "auto_recharge", "attempt_id": attempt.id},
+    )
+    body = event_body("payment_intent.succeeded", intent)
+    r = client.post(
+        "/v1/webhooks/stripe",
+        content=body,
+        headers={"Stripe-Signature": signature_for(body), "Content-Type": "application/json"},
+    )
+    assert r.status_code == 200
+    assert CreditEntry.select().where(CreditEntry.entry_type == "recharge").count() == 1
+
+
+def test_declines_turn_auto_recharge_off_after_three(org, conn_stripe):
+    saved_card(conn_stripe.backend, org.id, "declined")
+    arm(org.id)
+    for attempt in range(3):
+        if attempt:
+            rearm(org.id)
+        assert drain(get_gateway(), get_settings()) == 1
+    statuses = [a.status for a in AutoRechargeRequest.select()]
+    assert statuses == ["failed"] * 3
+    account = BillingAccount.get_by_id(org.id)
+    assert account.auto_recharge_enabled is False
+    assert "failed" in account.auto_recharge_disabled_reason
+    assert CreditEntry.select().where(CreditEntry.entry_type == "recharge").count() == 0
+    rearm(org.id)  # disabled: no new request
+    assert AutoRechargeRequest.select().count() == 3
+
+
+def test_cooldown_prevents_a_second_request(org, conn_stripe):
+    saved_card(conn_stripe.backend, org.id, "declined")
+    arm(org.id)
+    drain(get_gateway(), get_settings())
+    ledger.debit(org.id, 1)  # still below threshold, but within the cooldown
+    assert AutoRechargeRequest.select().count() == 1
+
+
+def test_3ds_challenge_is_surfaced_then_cleared(client, org, conn_stripe):
+    saved_card(conn_stripe.backend, org.id, "3ds")
+    arm(org.id)
+    drain(get_gateway(), get_settings())
+    attempt = AutoRechargeRequest.get()
+    assert attempt.status == "requires_action"
+    r = client.get(f"/v1/billing/{org.id}/auto-recharge/requires-action", headers=org.admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["attemptId"] == attempt.id
+    assert body["stripePaymentIntentId"] == attempt.stripe_payment_intent_id
+    assert body["clientSecret"].startswith(attempt.stripe_payment_intent_id)
+    assert body["amountDecimillicents"] == 20 * DOLLAR
+    assert (
+        client.get(
+            f"/v1/billing/{org.id}/auto-recharge/requires-action", headers=org.member
+        ).status_code
+        == 403
+    )
+    # The customer authenticates; Stripe reports success by webhook.
+    intent = stripe_object(
+        "payment_intent",
+        id=attempt.stripe_payment_intent_id,
+        amount=2000,
+        amount_received=2000,
+        status="succeeded",
+        metadata={"organization_id": org.id, "kind": "auto_recharge", "attempt_id": attempt.id},
+    )
+    event = event_body("payment_intent.succeeded", intent)
+    client.post(
+        "/v1/webhooks/stripe",
+        content=event,
+        headers={"Stripe-Signature": signature_for(event), "Content-Type": "application/json"},
+    )
+    assert (
+        client.get(f"/v1/billing/{org.id}/auto-recharge/requires-action", headers=org.admin).json()
+        is None
+    )
+    assert BillingAccount.get_by_id(org.id).credits_balance == 24 * DOLLAR
+
+
+def test_3ds_failure_clears_the_challenge(client, org, conn_stripe):
+    saved_card(conn_stripe.backend, org.id, "3ds")
+    arm(org.id)
+    drain(get_gateway(), get_settings())
+    attempt = AutoRechargeRequest.get()
+    intent = stripe_object(
+        "payment_intent",
+        id=attempt.stripe_payment_intent_id,
+        status="requires_payment_method",
+        last_payment_error={"code": "payment_intent_authentication_failure"},
+        metadata={"organization_id": org.id, "kind": "auto_recharge"},
+    )
+    event = event_body("payment_intent.payment_failed", intent)
+    client.post(
+        "/v1/webhooks/stripe",
+        content=event,
+        headers={"Stripe-Signature": signature_for(event), "Content-Type": "application/json"},
+    )
+    assert (
+        client.get(f"/v1/billing/{org.id}/auto-recharge/requires-action", headers=org.owner).json()
+        is None
+    )
+    assert AutoRechargeRequest.get().status == "failed"
+
+
+def test_provider_outage_requeues(org, conn_stripe):
+    saved_card(conn_stripe.backend, org.id, "ok")
+    arm(org.id)
+    conn_stripe.fail_with = 500
+    assert drain(get_gateway(), get_settings(), limit=1) == 1
+    assert AutoRechargeRequest.get().status == "pending"
+    conn_stripe.fail_with = None
+    drain(get_gateway(), get_settings())
+    assert AutoRechargeRequest.get().status == "succeeded"
+    assert BillingAccount.get_by_id(org.id).credits_balance == 24 * DOLLAR
