@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from billing.errors import InvalidRequest, NotFound
@@ -10,10 +11,16 @@ from billing.units import (
     AUTO_RECHARGE_AMOUNT_MIN,
     AUTO_RECHARGE_THRESHOLD_MAX,
     AUTO_RECHARGE_THRESHOLD_MIN,
+    CENT,
     INT64_MAX,
 )
 from models import BillingAccount, is_postgres, utcnow, write_transaction
 
+# The same rule as the contract's pattern for billingEmail.
+EMAIL = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+)
 UPDATABLE = {
     "billing_email",
     "auto_recharge_enabled",
@@ -64,8 +71,13 @@ def _validate(changes: dict[str, Any]) -> None:
     if "auto_recharge_enabled" in changes and not isinstance(enabled, bool):
         raise InvalidRequest("auto_recharge_enabled must be true or false")
     email = changes.get("billing_email")
-    if email is not None and (not isinstance(email, str) or "@" not in email or len(email) > 254):
-        raise InvalidRequest("billing_email must be an email address")
+    if email is not None and (
+        not isinstance(email, str) or len(email) > 254 or not EMAIL.fullmatch(email)
+    ):
+        raise InvalidRequest("billingEmail must be an ASCII email address")
+    amount = changes.get("auto_recharge_amount")
+    if isinstance(amount, int) and amount % CENT:
+        raise InvalidRequest("autoRechargeAmountDecimillicents must be whole cents (100000)")
 
 
 def update_settings(organization_id: str, changes: dict[str, Any]) -> BillingAccount:

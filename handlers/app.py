@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import connexion
+import yaml
 from connexion.middleware import MiddlewarePosition
 from connexion.resolver import Resolver
+from starlette.exceptions import HTTPException
 
 from billing.config import Settings, get_settings
 from handlers.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from handlers.problems import ERROR_HANDLERS
+from handlers.problems import ERROR_HANDLERS, MethodIndex, http_exception_handler
 from models import connect_database, connection
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
@@ -69,6 +71,8 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
     )
     for exc_class, handler in ERROR_HANDLERS:
         app.add_error_handler(exc_class, handler)
+    spec = yaml.safe_load(SPEC_PATH.read_text())
+    app.add_error_handler(HTTPException, http_exception_handler(MethodIndex(spec)))
     app.add_middleware(
         BodySizeLimitMiddleware,
         position=MiddlewarePosition.BEFORE_EXCEPTION,

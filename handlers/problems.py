@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from http import HTTPStatus
+from typing import Any
 
 import peewee
 from connexion.exceptions import ProblemException
@@ -85,9 +87,41 @@ def on_problem(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     return _framework_problem(exc.status, exc.detail, exc.headers)
 
 
-def on_http_exception(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
-    assert isinstance(exc, HTTPException)
-    return _framework_problem(exc.status_code, exc.detail, exc.headers)
+class MethodIndex:
+    """Which methods the contract defines for each path, for the Allow header of a 405."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self._paths = []
+        for template, item in spec.get("paths", {}).items():
+            pattern = re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template))
+            methods = sorted(m.upper() for m in item if m in _HTTP_METHODS)
+            self._paths.append((re.compile(f"^{pattern}$"), methods))
+
+    def allowed(self, path: str) -> list[str] | None:
+        for pattern, methods in self._paths:
+            if pattern.match(path):
+                return methods
+        return None
+
+
+_HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def http_exception_handler(methods: MethodIndex):
+    def on_http_exception(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+        assert isinstance(exc, HTTPException)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = methods.allowed(request.url.path)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+        return _framework_problem(exc.status_code, exc.detail, headers)
+
+    return on_http_exception
+
+
+def on_undecodable_body(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+    return problem(400, "the request body is not valid UTF-8 JSON")
 
 
 def on_database_error(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
@@ -103,7 +137,7 @@ def on_unexpected(_request: ConnexionRequest, exc: Exception) -> ConnexionRespon
 ERROR_HANDLERS = [
     (BillingError, on_billing_error),
     (ProblemException, on_problem),
-    (HTTPException, on_http_exception),
+    (UnicodeDecodeError, on_undecodable_body),
     (peewee.OperationalError, on_database_error),
     (peewee.InterfaceError, on_database_error),
     (Exception, on_unexpected),
