@@ -72,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"):
         env.pop(name, None)
     org_id, token = _seed(env)
+    log = open(f"{tmp}/server.log", "w")  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen(
         [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "handlers.asgi:app"],
         cwd=ROOT,
         env=env,
-        stdout=open(f"{tmp}/server.log", "w"),
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()
 
 
 if __name__ == "__main__":
