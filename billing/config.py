@@ -10,6 +10,7 @@ import functools
 import hashlib
 from typing import Literal
 
+from limits import parse as parse_limit
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -57,6 +58,17 @@ class Settings(BaseSettings):
     auto_recharge_max_failures: int = Field(default=3, ge=1, le=20)
     overdraft_limit_decimillicents: int = Field(default=0, ge=0)
 
+    redis_url: str | None = Field(
+        default=None, description="redis://host:6379/0 shares rate limits across instances."
+    )
+    rate_limit_enabled: bool = True
+    rate_limit_principal: str = "600/minute"
+    rate_limit_ip: str = "1200/minute"
+    rate_limit_webhook: str = "6000/minute"
+    trust_forwarded_for: bool = Field(
+        default=False, description="Take the client IP from X-Forwarded-For (behind a proxy)."
+    )
+
     response_validation: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
@@ -73,6 +85,11 @@ class Settings(BaseSettings):
                 raise ValueError("JWT_SECRET must be at least 32 characters")
         elif self.jwt_public_key is None:
             raise ValueError(f"JWT_PUBLIC_KEY is required for JWT_ALGORITHM={self.jwt_algorithm}")
+        for name in ("rate_limit_principal", "rate_limit_ip", "rate_limit_webhook"):
+            try:
+                parse_limit(getattr(self, name))
+            except ValueError:
+                raise ValueError(f"{name.upper()} must look like 600/minute") from None
         if self.stripe_secret_key is not None:
             if self.stripe_webhook_secret is None:
                 raise ValueError("STRIPE_WEBHOOK_SECRET is required with STRIPE_SECRET_KEY")

@@ -24,6 +24,7 @@ from peewee import fn
 from billing.accounts import lock_account
 from billing.config import get_settings
 from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
+from billing.metrics import LEDGER_ENTRIES, LEDGER_REFUSALS
 from billing.units import INT64_MAX
 from billing.usage import current_month
 from models import (
@@ -86,6 +87,7 @@ def _append(
     account.credits_balance = balance_after
     account.updated_at = utcnow()
     account.save(only=[BillingAccount.credits_balance, BillingAccount.updated_at])
+    LEDGER_ENTRIES.labels(entry_type).inc()
     return entry
 
 
@@ -120,17 +122,25 @@ def period_spend(organization_id: str, now: dt.datetime) -> int:
 
 def check_can_spend(account: BillingAccount, amount: int, overdraft: int) -> None:
     """Raise PaymentRequired if `amount` more may not be spent now. Needs the account lock."""
+    reason = _refusal(account, amount, overdraft)
+    if reason is not None:
+        LEDGER_REFUSALS.labels(reason[0]).inc()
+        raise PaymentRequired(reason[1])
+
+
+def _refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str, str] | None:
     if account.suspended_at is not None:
-        raise PaymentRequired("the organization is suspended")
+        return "suspended", "the organization is suspended"
     if account.payment_grace_period_ends_at is not None:
-        raise PaymentRequired("a payment failed; update the payment method to continue")
+        return "payment_failed", "a payment failed; update the payment method to continue"
     if account.usage_cap is not None:
         spent = period_spend(account.organization_id, utcnow()) + account.reserved_credits
         if spent + amount > account.usage_cap:
-            raise PaymentRequired("this would exceed the usage cap for the current period")
+            return "usage_cap", "this would exceed the usage cap for the current period"
     available = account.credits_balance - account.reserved_credits
     if available - amount < -overdraft:
-        raise PaymentRequired("not enough available credits")
+        return "insufficient_credits", "not enough available credits"
+    return None
 
 
 def _maybe_request_auto_recharge(account: BillingAccount) -> None:

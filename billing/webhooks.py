@@ -24,6 +24,7 @@ import peewee
 from billing import auto_recharge, ledger
 from billing.checkout import grant_top_up
 from billing.config import get_settings
+from billing.metrics import WEBHOOK_EVENTS
 from billing.plans import PLANS
 from billing.stripe_gateway import BillingGateway
 from billing.subscriptions import (
@@ -69,6 +70,7 @@ def receive(payload: bytes, signature: str, gateway: BillingGateway) -> WebhookR
         query = WebhookEvent.select().where(WebhookEvent.id == event_id)
         stored = (query.for_update() if is_postgres() else query).get()
         if stored.processed_at is not None:
+            WEBHOOK_EVENTS.labels(stored.event_type, "duplicate").inc()
             return WebhookResult(event_id, processed=stored.outcome != "ignored", idempotent=True)
         organization_id, outcome = _dispatch(event)
         stored.organization_id = organization_id
@@ -76,6 +78,9 @@ def receive(payload: bytes, signature: str, gateway: BillingGateway) -> WebhookR
         stored.processed_at = utcnow()
         stored.save()
     log.info("stripe event %s %s: %s", event_id, event.get("type"), outcome)
+    WEBHOOK_EVENTS.labels(
+        stored.event_type, "ignored" if outcome == "ignored" else "processed"
+    ).inc()
     return WebhookResult(event_id, processed=outcome != "ignored", idempotent=False)
 
 

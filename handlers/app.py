@@ -13,12 +13,15 @@ from typing import Any
 import connexion
 import yaml
 from connexion.middleware import MiddlewarePosition
-from connexion.resolver import Resolver
+from connexion.resolver import Resolution, Resolver
 from starlette.exceptions import HTTPException
 
 from billing.config import Settings, get_settings
+from handlers import observability
 from handlers.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from handlers.observability import AccessLogMiddleware
 from handlers.problems import ERROR_HANDLERS, MethodIndex, http_exception_handler
+from handlers.ratelimit import RateLimitMiddleware
 from models import connect_database, connection
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
@@ -38,8 +41,11 @@ class BillingResolver(Resolver):
     problem+json for its errors, so the content type must be named).
     """
 
-    def resolve_operation_id(self, operation: Any) -> str:
-        return f"{operation.router_controller}.{_snake(operation.operation_id)}"
+    def resolve(self, operation: Any) -> Resolution:
+        # Keep the contract's operationId as the operation's name (logs, metrics); only the
+        # function lookup uses the snake_case handler name.
+        target = f"{operation.router_controller}.{_snake(operation.operation_id)}"
+        return Resolution(self.resolve_function_from_operation_id(target), operation.operation_id)
 
     def resolve_function_from_operation_id(self, operation_id: str) -> Callable[..., Any]:
         handler = super().resolve_function_from_operation_id(operation_id)
@@ -59,6 +65,7 @@ class BillingResolver(Resolver):
 
 def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
     settings = settings or get_settings()
+    observability.configure_logging(settings.log_level)
     connect_database(settings.database_url, settings.db_pool_size)
     app = connexion.AsyncApp(__name__, specification_dir=str(SPEC_PATH.parent))
     app.add_api(
@@ -73,10 +80,16 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
         app.add_error_handler(exc_class, handler)
     spec = yaml.safe_load(SPEC_PATH.read_text())
     app.add_error_handler(HTTPException, http_exception_handler(MethodIndex(spec)))
+    # Connexion puts each middleware added here outside the ones added after it: the request
+    # id is set before anything logs, and the access log sees every answer (429s, 413s too).
+    before_exceptions = MiddlewarePosition.BEFORE_EXCEPTION
+    app.add_middleware(RequestIdMiddleware, position=before_exceptions)
+    app.add_middleware(AccessLogMiddleware, position=before_exceptions)
+    app.add_middleware(RateLimitMiddleware, position=before_exceptions, settings=settings)
     app.add_middleware(
-        BodySizeLimitMiddleware,
-        position=MiddlewarePosition.BEFORE_EXCEPTION,
-        max_bytes=settings.max_body_bytes,
+        BodySizeLimitMiddleware, position=before_exceptions, max_bytes=settings.max_body_bytes
     )
-    app.add_middleware(RequestIdMiddleware, position=MiddlewarePosition.BEFORE_EXCEPTION)
+    app.add_url_rule("/healthz", "healthz", observability.healthz, methods=["GET"])
+    app.add_url_rule("/readyz", "readyz", observability.readyz, methods=["GET"])
+    app.add_url_rule("/metrics", "metrics", observability.metrics, methods=["GET"])
     return app

@@ -8,6 +8,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handlers.context import request_id
+from handlers.problems import send_problem
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -71,21 +72,7 @@ class BodySizeLimitMiddleware:
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        from handlers.problems import problem
-
-        response = problem(413, f"request body is larger than {self.max_bytes} bytes")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": [
-                    (b"content-type", b"application/problem+json"),
-                    (b"x-request-id", request_id.get().encode()),
-                ],
-            }
-        )
-        body = response.body if isinstance(response.body, bytes) else str(response.body).encode()
-        await send({"type": "http.response.body", "body": body})
+        await send_problem(send, 413, f"request body is larger than {self.max_bytes} bytes")
 
 
 class BodyTooLarge(Exception):

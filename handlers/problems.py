@@ -18,6 +18,7 @@ import peewee
 from connexion.exceptions import ProblemException
 from connexion.lifecycle import ConnexionRequest, ConnexionResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Send
 
 from billing.errors import BillingError
 from handlers.context import request_id
@@ -63,6 +64,22 @@ def problem(
         body=json.dumps(body),
         headers=dict(headers or {}),
     )
+
+
+async def send_problem(
+    send: Send, status: int, detail: str, headers: Mapping[str, str] | None = None
+) -> None:
+    """Answer with a problem straight from ASGI middleware (outside Connexion's handlers)."""
+    response = problem(status, detail, headers=headers)
+    body = response.body if isinstance(response.body, bytes) else str(response.body).encode()
+    raw_headers = [
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in (response.headers or {}).items()
+    ]
+    await send(
+        {"type": "http.response.start", "status": response.status_code, "headers": raw_headers}
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _framework_problem(status: int, detail: str | None, headers: Mapping[str, str] | None):

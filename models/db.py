@@ -49,6 +49,7 @@ def make_database(url: str, pool_size: int = 10) -> peewee.Database:
         max_connections=pool_size,
         stale_timeout=300,
         timeout=30,
+        connect_timeout=5,
         autorollback=True,
     )
 

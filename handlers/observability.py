@@ -1,0 +1,153 @@
+"""Structured logs, access log, Prometheus metrics and health endpoints.
+
+Every log line is JSON with the request id (from X-Request-Id or generated). The access log is
+written here rather than by the server so it has the operation id and the request id. Metrics
+aggregate across gunicorn workers when PROMETHEUS_MULTIPROC_DIR is set (gunicorn.conf.py does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from pythonjsonlogger.json import JsonFormatter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from handlers.context import request_id
+from models import database
+
+access_log = logging.getLogger("billing.access")
+
+REQUESTS = Counter(
+    "billing_http_requests_total",
+    "HTTP requests, by operation and status.",
+    ["operation", "method", "status"],
+)
+LATENCY = Histogram(
+    "billing_http_request_duration_seconds",
+    "HTTP request latency, by operation.",
+    ["operation"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+ERRORS = Counter(
+    "billing_http_errors_total", "Problem responses, by status class and status.", ["status"]
+)
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stdout, each with the request id; idempotent."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        )
+    )
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    for noisy in ("uvicorn.access",):
+        logging.getLogger(noisy).disabled = True
+
+
+OPERATIONAL_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def _operation(scope: Scope) -> str:
+    """The operationId Connexion routed to (a bounded label set), or the operational path."""
+    if scope["path"] in OPERATIONAL_PATHS:
+        return str(scope["path"])
+    routing = scope.get("extensions", {}).get("connexion_routing", {})
+    return str(routing.get("operation_id") or "unmatched")
+
+
+class AccessLogMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            elapsed = time.perf_counter() - started
+            operation = _operation(scope)
+            REQUESTS.labels(operation, scope["method"], str(status)).inc()
+            LATENCY.labels(operation).observe(elapsed)
+            if status >= 400:
+                ERRORS.labels(str(status)).inc()
+            access_log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "operation": operation,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+
+
+def healthz(request: Request) -> Response:
+    """Liveness: the process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+def readyz(request: Request) -> Response:
+    """Readiness: the database answers a trivial query; otherwise 503 problem+json."""
+    try:
+        with database.connection_context():
+            database.execute_sql("SELECT 1")
+    except Exception as exc:
+        logging.getLogger("billing.health").error("database not ready: %s", type(exc).__name__)
+        return JSONResponse(
+            {
+                "type": "about:blank",
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": "the database is not reachable",
+                "code": "ServiceUnavailable",
+                "requestId": request_id.get(),
+            },
+            status_code=503,
+            media_type="application/problem+json",
+        )
+    return JSONResponse({"status": "ready"})
+
+
+def metrics(request: Request) -> Response:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
