@@ -59,6 +59,11 @@ class WebhookResult:
 def receive(payload: bytes, signature: str, gateway: BillingGateway) -> WebhookResult:
     event = gateway.verify_event(payload, signature)
     event_id = event["id"]
+    seen = WebhookEvent.get_or_none(WebhookEvent.id == event_id)
+    if seen is not None and seen.processed_at is not None:
+        # Fast path for Stripe's retries: no write lock for an event already applied.
+        WEBHOOK_EVENTS.labels(seen.event_type, "duplicate").inc()
+        return WebhookResult(event_id, processed=seen.outcome != "ignored", idempotent=True)
     with database.atomic():
         WebhookEvent.insert(
             id=event_id,

@@ -20,8 +20,9 @@ from billing.config import Settings, get_settings
 from handlers import observability
 from handlers.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from handlers.observability import AccessLogMiddleware
-from handlers.problems import ERROR_HANDLERS, MethodIndex, http_exception_handler
+from handlers.problems import ERROR_HANDLERS, http_exception_handler
 from handlers.ratelimit import RateLimitMiddleware
+from handlers.spec_index import SpecIndex
 from models import connect_database, connection
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
@@ -78,13 +79,13 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
     )
     for exc_class, handler in ERROR_HANDLERS:
         app.add_error_handler(exc_class, handler)
-    spec = yaml.safe_load(SPEC_PATH.read_text())
-    app.add_error_handler(HTTPException, http_exception_handler(MethodIndex(spec)))
+    spec = SpecIndex(yaml.safe_load(SPEC_PATH.read_text()))
+    app.add_error_handler(HTTPException, http_exception_handler(spec))
     # Connexion puts each middleware added here outside the ones added after it: the request
     # id is set before anything logs, and the access log sees every answer (429s, 413s too).
     before_exceptions = MiddlewarePosition.BEFORE_EXCEPTION
     app.add_middleware(RequestIdMiddleware, position=before_exceptions)
-    app.add_middleware(AccessLogMiddleware, position=before_exceptions)
+    app.add_middleware(AccessLogMiddleware, position=before_exceptions, spec=spec)
     app.add_middleware(RateLimitMiddleware, position=before_exceptions, settings=settings)
     app.add_middleware(
         BodySizeLimitMiddleware, position=before_exceptions, max_bytes=settings.max_body_bytes

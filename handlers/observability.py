@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handlers.context import request_id
+from handlers.spec_index import SpecIndex
 from models import database
 
 access_log = logging.getLogger("billing.access")
@@ -72,17 +73,18 @@ def configure_logging(level: str) -> None:
 OPERATIONAL_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
-def _operation(scope: Scope) -> str:
-    """The operationId Connexion routed to (a bounded label set), or the operational path."""
-    if scope["path"] in OPERATIONAL_PATHS:
-        return str(scope["path"])
-    routing = scope.get("extensions", {}).get("connexion_routing", {})
-    return str(routing.get("operation_id") or "unmatched")
-
-
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """One JSON line and the HTTP metrics per request, labelled by the contract's operationId
+    (a bounded label set: unknown paths are `unmatched`)."""
+
+    def __init__(self, app: ASGIApp, spec: SpecIndex) -> None:
         self.app = app
+        self.spec = spec
+
+    def _operation(self, scope: Scope) -> str:
+        if scope["path"] in OPERATIONAL_PATHS:
+            return str(scope["path"])
+        return self.spec.operation_id(scope["method"], scope["path"]) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,7 +103,7 @@ class AccessLogMiddleware:
             await self.app(scope, receive, capture)
         finally:
             elapsed = time.perf_counter() - started
-            operation = _operation(scope)
+            operation = self._operation(scope)
             REQUESTS.labels(operation, scope["method"], str(status)).inc()
             LATENCY.labels(operation).observe(elapsed)
             if status >= 400:

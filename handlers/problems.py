@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
-from typing import Any
 
 import peewee
 from connexion.exceptions import ProblemException
@@ -22,6 +20,7 @@ from starlette.types import Send
 
 from billing.errors import BillingError
 from handlers.context import request_id
+from handlers.spec_index import SpecIndex
 
 log = logging.getLogger("billing.http")
 
@@ -104,32 +103,12 @@ def on_problem(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     return _framework_problem(exc.status, exc.detail, exc.headers)
 
 
-class MethodIndex:
-    """Which methods the contract defines for each path, for the Allow header of a 405."""
-
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self._paths = []
-        for template, item in spec.get("paths", {}).items():
-            pattern = re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template))
-            methods = sorted(m.upper() for m in item if m in _HTTP_METHODS)
-            self._paths.append((re.compile(f"^{pattern}$"), methods))
-
-    def allowed(self, path: str) -> list[str] | None:
-        for pattern, methods in self._paths:
-            if pattern.match(path):
-                return methods
-        return None
-
-
-_HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-
-
-def http_exception_handler(methods: MethodIndex):
+def http_exception_handler(spec: SpecIndex) -> Callable[..., ConnexionResponse]:
     def on_http_exception(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
         assert isinstance(exc, HTTPException)
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
-            allowed = methods.allowed(request.url.path)
+            allowed = spec.allowed(request.url.path)
             if allowed:
                 headers["Allow"] = ", ".join(allowed)
         return _framework_problem(exc.status_code, exc.detail, headers)

@@ -79,8 +79,16 @@ def write_transaction() -> Iterator[None]:
 
 @contextmanager
 def connection() -> Iterator[None]:
-    """Hold one connection for a unit of work and give it back (to the pool) afterwards."""
+    """Hold one connection for a unit of work and give it back (to the pool) afterwards.
+
+    SQLite connections are per thread and cheap to keep: a worker thread keeps its own open
+    instead of reopening the file (and re-running the pragmas) on every request.
+    """
     db = database.obj
+    if isinstance(db, peewee.SqliteDatabase):
+        db.connect(reuse_if_open=True)
+        yield
+        return
     if db.is_closed():
         db.connect()
         try:

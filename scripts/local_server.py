@@ -65,10 +65,10 @@ class LocalServer:
             "BIND": f"127.0.0.1:{self.port}",
             "WEB_CONCURRENCY": str(workers),
             "BILLING_LOCAL_MODE": "true",
-            **(extra_env or {}),
         }
         for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"):
             self.env.pop(name, None)
+        self.env.update(extra_env or {})
         self.credit = credit
         self.organization_id = ""
         self.token = ""

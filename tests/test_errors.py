@@ -88,3 +88,18 @@ def test_wrong_content_type_is_400(client, org, content_type):
         headers={**org.owner, "Content-Type": content_type},
     )
     assert_problem(r, 400, "BadRequest")
+
+
+def test_405_allow_lists_every_method_the_contract_defines(client, org):
+    r = client.delete(f"/v1/organizations/{org.id}/billing", headers=org.owner)
+    assert_problem(r, 405, "MethodNotAllowed")
+    assert r.headers["allow"] == "GET, PATCH"
+
+
+def test_undecodable_body_is_400(client, org):
+    r = client.patch(
+        f"/v1/organizations/{org.id}/billing",
+        content=b'{"billingEmail": "\xff"}',
+        headers={**org.owner, "Content-Type": "application/json"},
+    )
+    assert_problem(r, 400, "BadRequest")

@@ -1,0 +1,175 @@
+"""HTTP benchmark (not a test): our server under gunicorn vs a bare Starlette baseline.
+
+    python -m scripts.bench [--seconds 10] [--connections 32]
+
+Both run under gunicorn with the same worker count over the same seeded SQLite database, on
+loopback, driven by wrk (Debian package `wrk`). Prints requests/s, p50 and p99 for GET credits,
+GET credits/history and POST webhooks (a signed, already-stored event: the idempotent path),
+and for the baseline's GET credits, with the ratio ours/baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import stripe
+
+from scripts.local_server import BIN, ROOT, LocalServer, free_port
+
+WEBHOOK_SECRET = "whsec_bench_secret"
+
+
+def wrk(
+    url: str, seconds: int, connections: int, headers: dict[str, str], script: str | None = None
+) -> dict[str, float]:
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    if script:
+        command += ["-s", script]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+
+    def ms(label: str) -> float:
+        value, unit = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": rate,
+        "p50": ms("50"),
+        "p99": ms("99"),
+        "errors": float(non2xx[1]) if non2xx else 0.0,
+    }
+
+
+def _webhook_script(tmp: str, body: str) -> str:
+    signature = stripe.WebhookSignature.generate_signature_header(body, WEBHOOK_SECRET)
+    path = Path(tmp) / "webhook.lua"
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Stripe-Signature"] = "{signature}"\n'
+    )
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts.bench")
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install wrk", file=sys.stderr)
+        return 2
+    env = {
+        "RATE_LIMIT_ENABLED": "false",
+        "RESPONSE_VALIDATION": "false",
+        "STRIPE_SECRET_KEY": "sk_test_bench_unused",
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "BILLING_LOCAL_MODE": "false",
+    }
+    rows: list[tuple[str, dict[str, float]]] = []
+    with LocalServer(workers=args.workers, extra_env=env) as server:
+        # Stripe keys are only used to verify webhooks here; nothing calls Stripe.
+        auth = {"Authorization": f"Bearer {server.token}"}
+        org = server.organization_id
+        base = server.base_url
+        event = json.dumps(
+            {
+                "id": "evt_bench_1",
+                "object": "event",
+                "type": "customer.created",
+                "created": int(time.time()),
+                "data": {"object": {"id": "cus_x"}},
+            }
+        )
+        script = _webhook_script(server.tmp, event)
+        port = free_port()
+        baseline = subprocess.Popen(
+            [
+                str(BIN / "gunicorn"),
+                "-c",
+                "gunicorn.conf.py",
+                "-b",
+                f"127.0.0.1:{port}",
+                "scripts.bench_baseline:app",
+            ],
+            cwd=ROOT,
+            env=server.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(100):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/billing/{org}/credits")
+                except urllib.error.HTTPError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            warm = max(2, args.seconds // 5)
+            wrk(f"{base}/v1/billing/{org}/credits", warm, args.connections, auth)
+            wrk(f"http://127.0.0.1:{port}/v1/billing/{org}/credits", warm, args.connections, auth)
+            rows.append(
+                (
+                    "baseline GET credits",
+                    wrk(
+                        f"http://127.0.0.1:{port}/v1/billing/{org}/credits",
+                        args.seconds,
+                        args.connections,
+                        auth,
+                    ),
+                )
+            )
+            rows.append(
+                (
+                    "ours GET credits",
+                    wrk(f"{base}/v1/billing/{org}/credits", args.seconds, args.connections, auth),
+                )
+            )
+            rows.append(
+                (
+                    "ours GET credits/history",
+                    wrk(
+                        f"{base}/v1/billing/{org}/credits/history",
+                        args.seconds,
+                        args.connections,
+                        auth,
+                    ),
+                )
+            )
+            rows.append(
+                (
+                    "ours POST webhooks",
+                    wrk(f"{base}/v1/webhooks/stripe", args.seconds, args.connections, {}, script),
+                )
+            )
+        finally:
+            baseline.terminate()
+            baseline.wait(timeout=30)
+    base_rps = rows[0][1]["rps"]
+    print(f"\n{args.connections} connections, {args.seconds}s each, {args.workers} workers")
+    print(f"{'target':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}{'vs base':>9}")
+    for name, r in rows:
+        print(
+            f"{name:<28}{r['rps']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}"
+            f"{r['errors']:>9.0f}{r['rps'] / base_rps:>9.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    tempfile.tempdir = None
+    sys.exit(main())
