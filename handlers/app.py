@@ -23,6 +23,7 @@ from handlers.observability import AccessLogMiddleware
 from handlers.problems import ERROR_HANDLERS, http_exception_handler
 from handlers.ratelimit import RateLimitMiddleware
 from handlers.spec_index import SpecIndex
+from handlers.validation import VALIDATORS
 from models import connect_database, connection
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
         pythonic_params=True,
         strict_validation=True,
         validate_responses=settings.response_validation,
+        validator_map=VALIDATORS,
         swagger_ui_options=None,
     )
     for exc_class, handler in ERROR_HANDLERS:

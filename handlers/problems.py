@@ -116,10 +116,6 @@ def http_exception_handler(spec: SpecIndex) -> Callable[..., ConnexionResponse]:
     return on_http_exception
 
 
-def on_undecodable_body(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
-    return problem(400, "the request body is not valid UTF-8 JSON")
-
-
 def on_database_error(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
     log.error("database error: %s", type(exc).__name__)
     return problem(500, "The database is unavailable. Nothing was changed; retry later.")
@@ -133,7 +129,6 @@ def on_unexpected(_request: ConnexionRequest, exc: Exception) -> ConnexionRespon
 ERROR_HANDLERS = [
     (BillingError, on_billing_error),
     (ProblemException, on_problem),
-    (UnicodeDecodeError, on_undecodable_body),
     (peewee.OperationalError, on_database_error),
     (peewee.InterfaceError, on_database_error),
     (Exception, on_unexpected),
