@@ -79,7 +79,9 @@ class FixtureFront:
     def __init__(self, backend: str) -> None:
         self.backend = backend
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
+        self.idempotency_keys: list[str | None] = []
         self.fail_with: int | None = None  # answer every request with this status
+        self.delay = 0.0  # seconds to stall before answering (timeouts)
         self._fixtures = fixtures()
         front = self
 
@@ -100,6 +102,9 @@ class FixtureFront:
                 params = _nested(parse_qsl(raw.decode(), keep_blank_values=True))
                 path = self.path.split("?")[0]
                 front.requests.append((self.command, path, params))
+                front.idempotency_keys.append(self.headers.get("Idempotency-Key"))
+                if front.delay:
+                    time.sleep(front.delay)
                 if front.fail_with is not None:
                     error = {"error": {"type": "api_error", "message": "injected"}}
                     return self._respond(front.fail_with, json.dumps(error).encode())

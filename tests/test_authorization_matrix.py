@@ -21,8 +21,17 @@ from tests.contract.test_spec import ROOT, _resolve
 
 SPEC = yaml.safe_load((ROOT / "openapi.yaml").read_text())
 ROLE_RANK = {"member": 1, "admin": 2, "owner": 3}
-CALLERS = ["none", "expired", "other_key", "alg_none", "outsider", "member", "admin", "owner",
-           "service"]
+CALLERS = [
+    "none",
+    "expired",
+    "other_key",
+    "alg_none",
+    "outsider",
+    "member",
+    "admin",
+    "owner",
+    "service",
+]
 
 
 def operations():
@@ -38,14 +47,16 @@ def _bearer(token: str) -> dict[str, str]:
 
 def headers_for(caller: str, org) -> dict[str, str]:
     secret = get_settings().jwt_secret.get_secret_value()
-    owner_sub = jwt.decode(org.owner["Authorization"].split()[1],
-                           options={"verify_signature": False})["sub"]
+    owner_sub = jwt.decode(
+        org.owner["Authorization"].split()[1], options={"verify_signature": False}
+    )["sub"]
     now = int(time.time())
     return {
         "none": {},
         "expired": _bearer(token_for(owner_sub, ttl=-600)),
-        "other_key": _bearer(jwt.encode({"sub": owner_sub, "exp": now + 600},
-                                        "x" * 40 + secret, "HS256")),
+        "other_key": _bearer(
+            jwt.encode({"sub": owner_sub, "exp": now + 600}, "x" * 40 + secret, "HS256")
+        ),
         "alg_none": _bearer(jwt.encode({"sub": owner_sub, "exp": now + 600}, None, "none")),
         "outsider": org.outsider,
         "member": org.member,
@@ -87,8 +98,11 @@ def request_for(method: str, path: str, op: dict, org_id: str):
     return url, query, body
 
 
-CASES = [pytest.param(m, p, op, c, id=f"{op['operationId']}-{c}")
-         for m, p, op in operations() for c in CALLERS]
+CASES = [
+    pytest.param(m, p, op, c, id=f"{op['operationId']}-{c}")
+    for m, p, op in operations()
+    for c in CALLERS
+]
 
 
 @pytest.mark.parametrize(("method", "path", "op", "caller"), CASES)
