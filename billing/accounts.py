@@ -14,7 +14,7 @@ from billing.units import (
     CENT,
     INT64_MAX,
 )
-from models import BillingAccount, is_postgres, utcnow, write_transaction
+from models import BillingAccount, locked, utcnow, write_transaction
 
 # The same rule as the contract's pattern for billingEmail.
 EMAIL = re.compile(
@@ -48,10 +48,9 @@ def lock_account(organization_id: str) -> BillingAccount:
     PostgreSQL takes a row lock; SQLite has none, and needs none, as `write_transaction`
     already holds its database-wide writer lock.
     """
-    query = BillingAccount.select().where(BillingAccount.organization == organization_id)
-    if is_postgres():
-        query = query.for_update()
-    account = query.get_or_none()
+    account = locked(
+        BillingAccount.select().where(BillingAccount.organization == organization_id)
+    ).get_or_none()
     if account is None:
         raise NotFound("organization not found")
     return account

@@ -17,7 +17,7 @@ from billing.accounts import get_account, lock_account
 from billing.config import Settings
 from billing.errors import UpstreamUnavailable
 from billing.stripe_gateway import BillingGateway
-from models import AutoRechargeRequest, BillingAccount, is_postgres, utcnow, write_transaction
+from models import AutoRechargeRequest, BillingAccount, locked, utcnow, write_transaction
 
 log = logging.getLogger("billing.auto_recharge")
 
@@ -33,15 +33,13 @@ class RequiresAction:
 def _claim_next() -> AutoRechargeRequest | None:
     """Move the oldest pending request to `processing` (SKIP LOCKED lets workers share)."""
     with write_transaction():
-        query = (
+        request = locked(
             AutoRechargeRequest.select()
             .where(AutoRechargeRequest.status == "pending")
             .order_by(AutoRechargeRequest.created_at)
-            .limit(1)
-        )
-        if is_postgres():
-            query = query.for_update(skip_locked=True)
-        request = query.first()
+            .limit(1),
+            skip_locked=True,
+        ).first()
         if request is None:
             return None
         request.status = "processing"

@@ -37,6 +37,16 @@ def ensure_customer(organization_id: str, gateway: BillingGateway) -> str:
         return account.stripe_customer_id
 
 
+def _record(
+    session: SessionInfo, organization_id: str, kind: str, **details: object
+) -> SessionInfo:
+    """Store the session Stripe answered with (once, even if an idempotent replay repeats it)."""
+    CheckoutSession.insert(
+        id=session.id, organization=organization_id, kind=kind, url=session.url, **details
+    ).on_conflict_ignore().execute()
+    return session
+
+
 def _price_for(plan: str, settings: Settings) -> str:
     return {
         "try_me": settings.stripe_price_try_me,
@@ -66,14 +76,7 @@ def start_subscription_checkout(
         cancel_url,
         f"checkout:{organization_id}:{idempotency_key or uuid.uuid4()}",
     )
-    CheckoutSession.insert(
-        id=session.id,
-        organization=organization_id,
-        kind="subscription",
-        plan=plan,
-        url=session.url,
-    ).on_conflict_ignore().execute()
-    return session
+    return _record(session, organization_id, "subscription", plan=plan)
 
 
 def start_top_up(
@@ -101,14 +104,7 @@ def start_top_up(
         cancel_url,
         f"top-up:{organization_id}:{idempotency_key or uuid.uuid4()}",
     )
-    CheckoutSession.insert(
-        id=session.id,
-        organization=organization_id,
-        kind="top_up",
-        amount=amount,
-        url=session.url,
-    ).on_conflict_ignore().execute()
-    return session
+    return _record(session, organization_id, "top_up", amount=amount)
 
 
 def open_portal(organization_id: str, return_url: str, gateway: BillingGateway) -> SessionInfo:

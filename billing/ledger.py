@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from peewee import fn
@@ -98,6 +100,16 @@ def _replay(idempotency_ref: str | None, organization_id: str) -> CreditEntry | 
     if entry is not None and entry.organization_id != organization_id:
         raise Conflict("this reference belongs to another organization")
     return entry
+
+
+@contextmanager
+def _ledger_write(
+    organization_id: str, idempotency_ref: str | None
+) -> Iterator[tuple[BillingAccount, CreditEntry | None]]:
+    """A serialized write on the organization, with the entry already made under this
+    reference (if any): callers return that instead of applying twice."""
+    with write_transaction():
+        yield lock_account(organization_id), _replay(idempotency_ref, organization_id)
 
 
 def _result(account: BillingAccount, entry: CreditEntry | None, replayed: bool) -> LedgerResult:
@@ -185,9 +197,7 @@ def grant(
     if entry_type not in CREDIT_TYPES:
         raise InvalidRequest(f"{entry_type} is not a credit entry type")
     _check_amount(amount)
-    with write_transaction():
-        account = lock_account(organization_id)
-        existing = _replay(idempotency_ref, organization_id)
+    with _ledger_write(organization_id, idempotency_ref) as (account, existing):
         if existing is not None:
             return _result(account, existing, True)
         entry = _append(account, entry_type, amount, reason, reference_id, idempotency_ref)
@@ -207,9 +217,7 @@ def debit(
     if entry_type not in DEBIT_TYPES:
         raise InvalidRequest(f"{entry_type} is not a debit entry type")
     _check_amount(amount, allow_zero=True)
-    with write_transaction():
-        account = lock_account(organization_id)
-        existing = _replay(idempotency_ref, organization_id)
+    with _ledger_write(organization_id, idempotency_ref) as (account, existing):
         if existing is not None:
             return _result(account, existing, True)
         entry = debit_locked(
@@ -248,9 +256,7 @@ def take_back(
     payment provider's matter, so the balance never goes negative through a reversal.
     """
     _check_amount(amount)
-    with write_transaction():
-        account = lock_account(organization_id)
-        existing = _replay(idempotency_ref, organization_id)
+    with _ledger_write(organization_id, idempotency_ref) as (account, existing):
         if existing is not None:
             return _result(account, existing, True)
         remaining = max(0, account.credits_balance - account.reserved_credits)
@@ -271,9 +277,7 @@ def adjust(
         raise InvalidRequest("an adjustment must be a non-zero integer")
     if amount > 0:
         return grant(organization_id, amount, "adjustment", reason, None, idempotency_ref)
-    with write_transaction():
-        account = lock_account(organization_id)
-        existing = _replay(idempotency_ref, organization_id)
+    with _ledger_write(organization_id, idempotency_ref) as (account, existing):
         if existing is not None:
             return _result(account, existing, True)
         available = account.credits_balance - account.reserved_credits

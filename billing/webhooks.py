@@ -41,7 +41,7 @@ from models import (
     CreditEntry,
     WebhookEvent,
     database,
-    is_postgres,
+    locked,
     utcnow,
     write_transaction,
 )
@@ -72,8 +72,7 @@ def receive(payload: bytes, signature: str, gateway: BillingGateway) -> WebhookR
             payload=payload.decode("utf-8"),
         ).on_conflict_ignore().execute()
     with write_transaction():
-        query = WebhookEvent.select().where(WebhookEvent.id == event_id)
-        stored = (query.for_update() if is_postgres() else query).get()
+        stored = locked(WebhookEvent.select().where(WebhookEvent.id == event_id)).get()
         if stored.processed_at is not None:
             WEBHOOK_EVENTS.labels(stored.event_type, "duplicate").inc()
             return WebhookResult(event_id, processed=stored.outcome != "ignored", idempotent=True)

@@ -1,6 +1,13 @@
 """Peewee models, the database binding and the migration runner."""
 
-from models.db import connect_database, connection, database, is_postgres, write_transaction
+from models.db import (
+    connect_database,
+    connection,
+    database,
+    is_postgres,
+    locked,
+    write_transaction,
+)
 from models.entities import (
     ALL_MODELS,
     AutoRechargeRequest,
@@ -34,6 +41,7 @@ __all__ = [
     "connection",
     "database",
     "is_postgres",
+    "locked",
     "utcnow",
     "write_transaction",
 ]

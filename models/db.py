@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import peewee
@@ -61,8 +62,32 @@ def connect_database(url: str, pool_size: int = 10) -> peewee.Database:
     return db
 
 
+@contextmanager
+def using_database(url: str) -> Iterator[peewee.Database]:
+    """Point the models at another database for a block, then back (for scripts run
+    in-process, such as the soak check, that must not leave the proxy moved)."""
+    previous = database.obj
+    db = make_database(url)
+    database.initialize(db)
+    try:
+        with db.connection_context():
+            yield db
+    finally:
+        if isinstance(db, PooledPostgresqlDatabase):
+            db.close_all()
+        database.initialize(previous)
+
+
 def is_postgres() -> bool:
     return isinstance(database.obj, peewee.PostgresqlDatabase)
+
+
+SelectT = TypeVar("SelectT", bound="peewee.ModelSelect[Any]")
+
+
+def locked(query: SelectT, **options: bool) -> SelectT:
+    """`query` with SELECT ... FOR UPDATE on PostgreSQL (SQLite's writer lock covers it)."""
+    return query.for_update(**options) if is_postgres() else query
 
 
 @contextmanager

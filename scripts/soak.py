@@ -29,7 +29,8 @@ from peewee import fn
 
 from billing.audit import ledger_problems
 from billing.units import CENT
-from models import CreditEntry, UsageRecord, WebhookEvent, connect_database
+from models import CreditEntry, UsageRecord, WebhookEvent
+from models.db import using_database
 
 WEBHOOK_SECRET = "whsec_soak_secret"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -188,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             list(pool.map(worker, range(args.threads)))
         elapsed = time.monotonic() - started
 
-    db = connect_database(database_url or server.env["DATABASE_URL"])
-    with db.connection_context():
+    with using_database(database_url or server.env["DATABASE_URL"]):
         problems = ledger_problems(org)
         records = UsageRecord.select().where(UsageRecord.organization == org).count()
         top_ups = (
