@@ -2,8 +2,8 @@
 
     python -m scripts.bench_ledger [--debits 2000] [--threads 8]
 
-Runs on SQLite (a temporary file) and, when reachable, PostgreSQL (BENCH_POSTGRES_URL, default
-postgresql://postgres@127.0.0.1:5432/test; its public schema is reset). Prints one table.
+Runs on SQLite (a temporary file) and, when reachable, PostgreSQL (BENCH_POSTGRES_URL, default:
+its own database `billing_bench`, whose public schema it resets). Prints one table.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from playhouse.pool import PooledDatabase
 from billing import ledger
 from billing.organizations import create_organization
 from models import connect_database, database
-from models.db import make_database
 from models.migrate import migrate
+from scripts.local_server import postgres_database
 
 
 def _prepare(url: str, orgs: int, per_org_credit: int) -> list[str]:
@@ -59,13 +59,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
     targets = [("sqlite", f"sqlite:///{tempfile.mkdtemp()}/bench.sqlite3")]
-    pg = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-    try:
-        probe = make_database(pg, 1)
-        probe.connect()
-        probe.close()
+    pg = os.environ.get("BENCH_POSTGRES_URL") or postgres_database("billing_bench")
+    if pg:
         targets.append(("postgresql", pg))
-    except peewee.OperationalError:
+    else:
         print("PostgreSQL not reachable; SQLite only")
     print(f"{'database':<12}{'shape':<14}{'threads':>8}{'debits':>8}{'debits/s':>12}")
     for name, url in targets:

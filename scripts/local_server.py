@@ -39,6 +39,26 @@ print(org.id, mint_user_token('local-owner', s, None, 7200))
 """
 
 
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def postgres_database(name: str) -> str | None:
+    """URL of a dedicated database on the local PostgreSQL (created if missing), or None
+    when there is no PostgreSQL here. Scripts use their own database, never the tests'."""
+    probe = subprocess.run(
+        ["psql", PG_ADMIN, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        return None
+    if probe.stdout.strip() != "1":
+        subprocess.run(
+            ["psql", PG_ADMIN, "-c", f"CREATE DATABASE {name}"], check=True, capture_output=True
+        )
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,7 +16,6 @@ import collections
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -31,32 +30,16 @@ from billing.audit import ledger_problems
 from billing.units import CENT
 from models import CreditEntry, UsageRecord, WebhookEvent
 from models.db import using_database
+from scripts.local_server import LocalServer, postgres_database
 
 WEBHOOK_SECRET = "whsec_soak_secret"
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-PG_SOAK = "postgresql://postgres@127.0.0.1:5432/billing_soak"
 EVENTS = 30
 TOP_UP_CENTS = 500
 USAGE_COST = 3 * CENT
 
 
 def default_database() -> str | None:
-    if os.environ.get("SOAK_DATABASE_URL"):
-        return os.environ["SOAK_DATABASE_URL"]
-    probe = subprocess.run(
-        ["psql", PG_ADMIN, "-tAc", "SELECT 1 FROM pg_database WHERE datname = 'billing_soak'"],
-        capture_output=True,
-        text=True,
-    )
-    if probe.returncode != 0:
-        return None  # no PostgreSQL here: SQLite
-    if probe.stdout.strip() != "1":
-        subprocess.run(
-            ["psql", PG_ADMIN, "-c", "CREATE DATABASE billing_soak"],
-            check=True,
-            capture_output=True,
-        )
-    return PG_SOAK
+    return os.environ.get("SOAK_DATABASE_URL") or postgres_database("billing_soak")
 
 
 def _event(org_id: str, i: int) -> bytes:
@@ -81,7 +64,6 @@ def _event(org_id: str, i: int) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scripts.local_server import LocalServer
 
     parser = argparse.ArgumentParser(prog="scripts.soak")
     parser.add_argument("--seconds", type=float, default=30)
