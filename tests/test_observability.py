@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 
 import peewee
 import pytest
@@ -135,3 +136,26 @@ def test_readiness_during_a_database_outage(client, caplog):
     finally:
         database.initialize(real)
     assert client.get("/readyz").status_code == 200
+
+
+def test_limits_are_shared_through_redis(db, org):
+    """Two app instances (as two gunicorn workers or hosts would be) share one budget."""
+    import redis
+
+    from handlers.app import create_app
+
+    url = "redis://127.0.0.1:6379/15"
+    try:
+        redis.Redis.from_url(url).flushdb()
+    except redis.ConnectionError:
+        if os.environ.get("REQUIRE_REDIS") == "1":
+            pytest.fail("Redis is required (REQUIRE_REDIS=1) but not reachable")
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    settings = get_settings().model_copy(update={
+        "redis_url": url, "rate_limit_principal": "4/minute", "rate_limit_ip": "100/minute"})
+    first, second = create_app(settings), create_app(settings)
+    url_path = f"/v1/billing/{org.id}/credits"
+    with first.test_client() as a, second.test_client() as b:
+        statuses = [c.get(url_path, headers=org.owner).status_code for c in (a, b, a, b, a)]
+    assert statuses == [200, 200, 200, 200, 429]
+    redis.Redis.from_url(url).flushdb()
