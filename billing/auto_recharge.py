@@ -10,6 +10,7 @@ surfaced until the payment succeeds, fails for good, or a newer attempt supersed
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from billing import ledger
@@ -17,7 +18,14 @@ from billing.accounts import get_account, lock_account
 from billing.config import Settings
 from billing.errors import UpstreamUnavailable
 from billing.stripe_gateway import BillingGateway
-from models import AutoRechargeRequest, BillingAccount, locked, utcnow, write_transaction
+from models import (
+    AutoRechargeRequest,
+    BillingAccount,
+    connection,
+    locked,
+    utcnow,
+    write_transaction,
+)
 
 log = logging.getLogger("billing.auto_recharge")
 
@@ -218,3 +226,17 @@ def pending_action(organization_id: str) -> RequiresAction | None:
     return RequiresAction(
         attempt.id, attempt.amount, attempt.stripe_payment_intent_id, attempt.client_secret
     )
+
+
+def run_worker(
+    stop: threading.Event, gateway: BillingGateway, settings: Settings, poll_seconds: float
+) -> None:
+    """Drain the outbox until `stop` is set: the worker process's loop, and the in-process
+    worker the app runs in local billing mode."""
+    while not stop.is_set():
+        try:
+            with connection():
+                drain(gateway, settings)
+        except Exception:  # keep the loop alive; the error is logged with its type
+            log.exception("auto-recharge drain failed")
+        stop.wait(poll_seconds)

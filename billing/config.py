@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     payment_grace_period_days: int = Field(default=7, ge=0, le=60)
     auto_recharge_cooldown_seconds: int = Field(default=600, ge=0, le=86_400)
     auto_recharge_max_failures: int = Field(default=3, ge=1, le=20)
+    auto_recharge_in_process: bool = Field(
+        default=True, description="In local billing mode, drain the outbox inside the app."
+    )
     overdraft_limit_decimillicents: int = Field(default=0, ge=0)
 
     redis_url: str | None = Field(

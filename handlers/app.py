@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ from connexion.middleware import MiddlewarePosition
 from connexion.resolver import Resolution, Resolver
 from starlette.exceptions import HTTPException
 
+from billing import auto_recharge
 from billing.config import Settings, get_settings
+from billing.stripe_gateway import get_gateway
 from handlers import observability
 from handlers.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from handlers.observability import AccessLogMiddleware
@@ -65,11 +69,41 @@ class BillingResolver(Resolver):
         return with_connection
 
 
+def local_worker_lifespan(settings: Settings) -> Callable[[Any], Any]:
+    """In local billing mode each server process drains the auto-recharge outbox itself, so
+    auto-recharge works with no second command (production runs `scripts.worker`)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        stop = threading.Event()
+        worker = None
+        if settings.local_billing and settings.auto_recharge_in_process:
+            worker = threading.Thread(
+                target=auto_recharge.run_worker,
+                args=(stop, get_gateway(), settings, 2.0),
+                name="auto-recharge",
+                daemon=True,
+            )
+            worker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if worker is not None:
+                worker.join(timeout=10)
+
+    return lifespan
+
+
 def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
     settings = settings or get_settings()
     observability.configure_logging(settings.log_level)
     connect_database(settings.database_url, settings.db_pool_size)
-    app = connexion.AsyncApp(__name__, specification_dir=str(SPEC_PATH.parent))
+    app = connexion.AsyncApp(
+        __name__,
+        specification_dir=str(SPEC_PATH.parent),
+        lifespan=local_worker_lifespan(settings),
+    )
     app.add_api(
         SPEC_PATH.name,
         resolver=BillingResolver(),

@@ -14,24 +14,10 @@ import signal
 import sys
 import threading
 
-from billing.auto_recharge import drain
+from billing.auto_recharge import drain, run_worker
 from billing.config import ConfigError, get_settings
 from billing.stripe_gateway import get_gateway
 from models import connect_database, connection
-
-log = logging.getLogger("billing.worker")
-
-
-def run(stop: threading.Event, poll_seconds: float) -> None:
-    """The worker loop, also used in-process by the app in local billing mode."""
-    settings, gateway = get_settings(), get_gateway()
-    while not stop.is_set():
-        try:
-            with connection():
-                drain(gateway, settings)
-        except Exception:  # keep the loop alive; the error is logged with its type
-            log.exception("auto-recharge drain failed")
-        stop.wait(poll_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    run(stop, args.poll)
+    run_worker(stop, get_gateway(), settings, args.poll)
     return 0
 
 

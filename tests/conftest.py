@@ -17,6 +17,7 @@ os.environ["DATABASE_URL"] = os.environ.get(
     "TEST_DATABASE_URL", f"sqlite:///{_tmp}/billing.sqlite3"
 )
 os.environ["RESPONSE_VALIDATION"] = "true"
+os.environ["AUTO_RECHARGE_IN_PROCESS"] = "false"  # tests drain the outbox themselves
 os.environ["DB_POOL_SIZE"] = "40"  # the concurrency tests run 16 threads with a connection each
 os.environ["JWT_SECRET"] = "test-secret-that-is-long-enough-for-hs256-0001"
 os.environ["SERVICE_TOKEN"] = "test-service-token-0123456789abcdef"

@@ -17,6 +17,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -48,19 +49,20 @@ def free_port() -> int:
 def start_localstripe() -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     exe = Path(sys.executable).parent / "localstripe"
-    proc = subprocess.Popen(
-        [str(exe), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - outlives this function with the server
+        prefix="localstripe-", suffix=".log", delete=False
     )
+    proc = subprocess.Popen([str(exe), "--port", str(port)], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # a loaded 2-core machine can take a while
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             httpx.get(f"{url}/v1/customers", auth=(API_KEY, ""), timeout=1)
             return proc, url
         except httpx.HTTPError:
-            time.sleep(0.1)
+            time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("localstripe did not start")
+    raise RuntimeError(f"localstripe did not start: {Path(log.name).read_text()[-2000:]}")
 
 
 def _nested(pairs: list[tuple[str, str]]) -> dict[str, Any]:

@@ -151,8 +151,9 @@ def test_limits_are_shared_through_redis(db, org):
         if os.environ.get("REQUIRE_REDIS") == "1":
             pytest.fail("Redis is required (REQUIRE_REDIS=1) but not reachable")
         pytest.skip("no Redis on 127.0.0.1:6379")
-    settings = get_settings().model_copy(update={
-        "redis_url": url, "rate_limit_principal": "4/minute", "rate_limit_ip": "100/minute"})
+    settings = get_settings().model_copy(
+        update={"redis_url": url, "rate_limit_principal": "4/minute", "rate_limit_ip": "100/minute"}
+    )
     first, second = create_app(settings), create_app(settings)
     url_path = f"/v1/billing/{org.id}/credits"
     with first.test_client() as a, second.test_client() as b:
