@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +30,6 @@ from handlers.validation import VALIDATORS
 from models import connect_database, connection
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
-log = logging.getLogger("billing.app")
 _JSON = {"Content-Type": "application/json"}
 
 
