@@ -52,7 +52,11 @@ def start_localstripe() -> tuple[subprocess.Popen[bytes], str]:
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - outlives this function with the server
         prefix="localstripe-", suffix=".log", delete=False
     )
-    proc = subprocess.Popen([str(exe), "--port", str(port)], stdout=log, stderr=log)
+    # --from-scratch: localstripe otherwise loads /tmp/localstripe.pickle, a file every
+    # instance on the machine rewrites, and a truncated one stops it from starting.
+    proc = subprocess.Popen(
+        [str(exe), "--port", str(port), "--from-scratch"], stdout=log, stderr=log
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60  # a loaded 2-core machine can take a while
     while time.monotonic() < deadline and proc.poll() is None:
