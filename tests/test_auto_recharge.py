@@ -58,6 +58,25 @@ def rearm(org_id: str) -> None:
     ledger.debit(org_id, 1)
 
 
+def report_intent(client, org_id, attempt, event_type, **fields):
+    """Stripe reporting on the attempt's PaymentIntent by a signed webhook."""
+    intent = stripe_object(
+        "payment_intent",
+        id=attempt.stripe_payment_intent_id,
+        metadata={"organization_id": org_id, "kind": "auto_recharge", "attempt_id": attempt.id},
+        **fields,
+    )
+    body = event_body(event_type, intent)
+    return client.post(
+        "/v1/webhooks/stripe",
+        content=body,
+        headers={"Stripe-Signature": signature_for(body), "Content-Type": "application/json"},
+    )
+
+
+PAID = {"amount": 2000, "amount_received": 2000, "status": "succeeded"}
+
+
 @pytest.fixture
 def conn_stripe(stripe_mode):
     with database.connection_context():
@@ -83,20 +102,7 @@ def test_recharge_webhook_after_worker_grants_nothing_more(client, org, conn_str
     arm(org.id)
     drain(get_gateway(), get_settings())
     attempt = AutoRechargeRequest.get()
-    intent = stripe_object(
-        "payment_intent",
-        id=attempt.stripe_payment_intent_id,
-        amount=2000,
-        amount_received=2000,
-        status="succeeded",
-        metadata={"organization_id": org.id, "kind": "auto_recharge", "attempt_id": attempt.id},
-    )
-    body = event_body("payment_intent.succeeded", intent)
-    r = client.post(
-        "/v1/webhooks/stripe",
-        content=body,
-        headers={"Stripe-Signature": signature_for(body), "Content-Type": "application/json"},
-    )
+    r = report_intent(client, org.id, attempt, "payment_intent.succeeded", **PAID)
     assert r.status_code == 200
     assert CreditEntry.select().where(CreditEntry.entry_type == "recharge").count() == 1
 
@@ -146,20 +152,7 @@ def test_3ds_challenge_is_surfaced_then_cleared(client, org, conn_stripe):
         == 403
     )
     # The customer authenticates; Stripe reports success by webhook.
-    intent = stripe_object(
-        "payment_intent",
-        id=attempt.stripe_payment_intent_id,
-        amount=2000,
-        amount_received=2000,
-        status="succeeded",
-        metadata={"organization_id": org.id, "kind": "auto_recharge", "attempt_id": attempt.id},
-    )
-    event = event_body("payment_intent.succeeded", intent)
-    client.post(
-        "/v1/webhooks/stripe",
-        content=event,
-        headers={"Stripe-Signature": signature_for(event), "Content-Type": "application/json"},
-    )
+    report_intent(client, org.id, attempt, "payment_intent.succeeded", **PAID)
     assert (
         client.get(f"/v1/billing/{org.id}/auto-recharge/requires-action", headers=org.admin).json()
         is None
@@ -172,18 +165,13 @@ def test_3ds_failure_clears_the_challenge(client, org, conn_stripe):
     arm(org.id)
     drain(get_gateway(), get_settings())
     attempt = AutoRechargeRequest.get()
-    intent = stripe_object(
-        "payment_intent",
-        id=attempt.stripe_payment_intent_id,
+    report_intent(
+        client,
+        org.id,
+        attempt,
+        "payment_intent.payment_failed",
         status="requires_payment_method",
         last_payment_error={"code": "payment_intent_authentication_failure"},
-        metadata={"organization_id": org.id, "kind": "auto_recharge"},
-    )
-    event = event_body("payment_intent.payment_failed", intent)
-    client.post(
-        "/v1/webhooks/stripe",
-        content=event,
-        headers={"Stripe-Signature": signature_for(event), "Content-Type": "application/json"},
     )
     assert (
         client.get(f"/v1/billing/{org.id}/auto-recharge/requires-action", headers=org.owner).json()
