@@ -76,22 +76,22 @@ def verify_service_token(token: str, settings: Settings) -> Service:
     return Service()
 
 
-def require_role(organization_id: str, principal: User, minimum: Role) -> Role:
-    """The caller's role in the organization, if at least `minimum`.
+def require_role(organization_id: str, principal: User, minimum: Role) -> str:
+    """The organization's canonical (lower-case) id, if the caller holds at least `minimum`.
 
     Not a member (or no such organization) is NotFound, so ids cannot be probed; a member
     without the role is Forbidden.
     """
+    organization_id = organization_id.lower()
     membership = Membership.get_or_none(
-        (Membership.organization == organization_id.lower())
-        & (Membership.user_id == principal.user_id)
+        (Membership.organization == organization_id) & (Membership.user_id == principal.user_id)
     )
     if membership is None:
         raise NotFound("organization not found")
     role = Role[membership.role]
     if role < minimum:
         raise Forbidden(f"this action needs the {minimum.name} role or higher")
-    return role
+    return organization_id
 
 
 def mint_user_token(

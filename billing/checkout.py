@@ -47,14 +47,6 @@ def _record(
     return session
 
 
-def _price_for(plan: str, settings: Settings) -> str:
-    return {
-        "try_me": settings.stripe_price_try_me,
-        "pro": settings.stripe_price_pro,
-        "agency": settings.stripe_price_agency,
-    }[plan]
-
-
 def start_subscription_checkout(
     organization_id: str,
     plan: str,
@@ -70,7 +62,7 @@ def start_subscription_checkout(
     session = gateway.create_subscription_checkout(
         organization_id,
         customer,
-        _price_for(plan, settings),
+        settings.plan_prices[plan],
         plan,
         success_url,
         cancel_url,

@@ -101,6 +101,15 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def plan_prices(self) -> dict[str, str]:
+        """Plan slug -> Stripe price id; the one map both checkout and webhooks read."""
+        return {
+            "try_me": self.stripe_price_try_me,
+            "pro": self.stripe_price_pro,
+            "agency": self.stripe_price_agency,
+        }
+
+    @property
     def local_billing(self) -> bool:
         """Local billing mode: no Stripe key and local mode enabled."""
         return self.stripe_secret_key is None and self.billing_local_mode

@@ -61,9 +61,7 @@ def receive(payload: bytes, signature: str, gateway: BillingGateway) -> WebhookR
     event_id = event["id"]
     seen = WebhookEvent.get_or_none(WebhookEvent.id == event_id)
     if seen is not None and seen.processed_at is not None:
-        # Fast path for Stripe's retries: no write lock for an event already applied.
-        WEBHOOK_EVENTS.labels(seen.event_type, "duplicate").inc()
-        return WebhookResult(event_id, processed=seen.outcome != "ignored", idempotent=True)
+        return _already_applied(seen)  # Stripe's retries: no write lock needed
     with database.atomic():
         WebhookEvent.insert(
             id=event_id,
@@ -74,8 +72,7 @@ def receive(payload: bytes, signature: str, gateway: BillingGateway) -> WebhookR
     with write_transaction():
         stored = locked(WebhookEvent.select().where(WebhookEvent.id == event_id)).get()
         if stored.processed_at is not None:
-            WEBHOOK_EVENTS.labels(stored.event_type, "duplicate").inc()
-            return WebhookResult(event_id, processed=stored.outcome != "ignored", idempotent=True)
+            return _already_applied(stored)
         organization_id, outcome = _dispatch(event)
         stored.organization_id = organization_id
         stored.outcome = outcome
@@ -86,6 +83,11 @@ def receive(payload: bytes, signature: str, gateway: BillingGateway) -> WebhookR
         stored.event_type, "ignored" if outcome == "ignored" else "processed"
     ).inc()
     return WebhookResult(event_id, processed=outcome != "ignored", idempotent=False)
+
+
+def _already_applied(event: WebhookEvent) -> WebhookResult:
+    WEBHOOK_EVENTS.labels(event.event_type, "duplicate").inc()
+    return WebhookResult(event.id, processed=event.outcome != "ignored", idempotent=True)
 
 
 # --- resolving the organization ---------------------------------------------------------
@@ -119,12 +121,7 @@ def _ts(value: Any) -> dt.datetime | None:
 def _plan_from_price(price: dict[str, Any] | None) -> str | None:
     if not price:
         return None
-    settings = get_settings()
-    by_price = {
-        settings.stripe_price_try_me: "try_me",
-        settings.stripe_price_pro: "pro",
-        settings.stripe_price_agency: "agency",
-    }
+    by_price = {price_id: plan for plan, price_id in get_settings().plan_prices.items()}
     if price.get("id") in by_price:
         return by_price[price["id"]]
     lookup = price.get("lookup_key") or (price.get("metadata") or {}).get("plan")

@@ -13,8 +13,7 @@ from billing.auth import Role, require_role
 def get_auto_recharge_requires_action(
     organization_id: str, token_info: dict[str, Any]
 ) -> JSONResponse:
-    org = organization_id.lower()
-    require_role(org, token_info["user"], Role.admin)
+    org = require_role(organization_id, token_info["user"], Role.admin)
     action = auto_recharge.pending_action(org)
     if action is None:
         return JSONResponse(None)

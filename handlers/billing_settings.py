@@ -19,15 +19,13 @@ _FIELDS = {
 
 
 def get_billing_settings(organization_id: str, token_info: dict[str, Any]) -> dict[str, Any]:
-    org = organization_id.lower()
-    require_role(org, token_info["user"], Role.member)
+    org = require_role(organization_id, token_info["user"], Role.member)
     return shapes.billing_settings(accounts.get_account(org))
 
 
 def update_billing_settings(
     organization_id: str, body: dict[str, Any], token_info: dict[str, Any]
 ) -> dict[str, Any]:
-    org = organization_id.lower()
-    require_role(org, token_info["user"], Role.admin)
+    org = require_role(organization_id, token_info["user"], Role.admin)
     changes = {_FIELDS[name]: value for name, value in body.items()}
     return shapes.billing_settings(accounts.update_settings(org, changes))

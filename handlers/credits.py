@@ -11,8 +11,7 @@ from handlers import shapes
 
 
 def get_credit_balance(organization_id: str, token_info: dict[str, Any]) -> dict[str, Any]:
-    org = organization_id.lower()
-    require_role(org, token_info["user"], Role.member)
+    org = require_role(organization_id, token_info["user"], Role.member)
     return shapes.credit_balance(accounts.get_account(org))
 
 
@@ -22,8 +21,7 @@ def list_credit_history(
     limit: str | None = None,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    org = organization_id.lower()
-    require_role(org, token_info["user"], Role.member)
+    org = require_role(organization_id, token_info["user"], Role.member)
     page = history.list_credit_history(
         org, history.parse_limit(limit), cursor, get_settings().cursor_key
     )

@@ -14,7 +14,6 @@ from handlers import shapes
 def complete_local_checkout(organization_id: str, token_info: dict[str, Any]) -> dict[str, Any]:
     if not get_settings().local_billing:
         raise NotFound("not found")
-    org = organization_id.lower()
-    require_role(org, token_info["user"], Role.admin)
+    org = require_role(organization_id, token_info["user"], Role.admin)
     checkout.complete_local_checkout(org)
     return shapes.billing_settings(accounts.get_account(org))

@@ -9,14 +9,12 @@ from billing.auth import Role, require_role
 
 
 def get_no_cap_reminder(organization_id: str, token_info: dict[str, Any]) -> dict[str, Any]:
-    org = organization_id.lower()
     user = token_info["user"]
-    require_role(org, user, Role.member)
+    org = require_role(organization_id, user, Role.member)
     return {"dismissed": reminders.is_dismissed(org, user.user_id)}
 
 
 def dismiss_no_cap_reminder(organization_id: str, token_info: dict[str, Any]) -> dict[str, Any]:
-    org = organization_id.lower()
     user = token_info["user"]
-    require_role(org, user, Role.member)
+    org = require_role(organization_id, user, Role.member)
     return {"dismissed": reminders.dismiss(org, user.user_id)}

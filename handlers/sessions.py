@@ -17,9 +17,8 @@ def _session(info: SessionInfo) -> dict[str, Any]:
 
 
 def create_checkout_session(body: dict[str, Any], token_info: dict[str, Any]) -> dict[str, Any]:
-    org = body["organizationId"].lower()
     user = token_info["user"]
-    require_role(org, user, Role.admin)
+    org = require_role(body["organizationId"], user, Role.admin)
     key = idempotency_key()
     return run_once(
         f"user:{user.user_id}:checkout:{org}",
@@ -40,9 +39,8 @@ def create_checkout_session(body: dict[str, Any], token_info: dict[str, Any]) ->
 
 
 def create_portal_session(body: dict[str, Any], token_info: dict[str, Any]) -> dict[str, Any]:
-    org = body["organizationId"].lower()
     user = token_info["user"]
-    require_role(org, user, Role.admin)
+    org = require_role(body["organizationId"], user, Role.admin)
     return run_once(
         f"user:{user.user_id}:portal:{org}",
         idempotency_key(),
@@ -54,9 +52,8 @@ def create_portal_session(body: dict[str, Any], token_info: dict[str, Any]) -> d
 def create_top_up_session(
     organization_id: str, body: dict[str, Any], token_info: dict[str, Any]
 ) -> dict[str, Any]:
-    org = organization_id.lower()
     user = token_info["user"]
-    require_role(org, user, Role.admin)
+    org = require_role(organization_id, user, Role.admin)
     key = idempotency_key()
     return run_once(
         f"user:{user.user_id}:top-up:{org}",

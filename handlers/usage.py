@@ -17,7 +17,6 @@ def get_usage_summary(
     period_start: str | None = None,
     period_end: str | None = None,
 ) -> dict[str, Any]:
-    org = organization_id.lower()
-    require_role(org, token_info["user"], Role.member)
+    org = require_role(organization_id, token_info["user"], Role.member)
     start, end = usage.resolve_period(period_start, period_end, utcnow())
     return shapes.usage_summary(usage.summarize_usage(org, category, start, end))
