@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import shutil
 import subprocess
 import sys
 import uuid
@@ -11,6 +10,7 @@ import uuid
 import pytest
 
 from scripts.local_server import ROOT, LocalServer
+from tests.contract.tools import needs_npm
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_python_client_flow(server, python_client):
     assert isinstance(missing.parsed, Problem) and missing.parsed.code.value == "NotFound"
 
 
-@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+@needs_npm
 def test_typescript_client_flow(server, tmp_path):
     """openapi-typescript types + openapi-fetch, compiled by tsc, run by node."""
     ts_dir = ROOT / "tests/contract/ts"
