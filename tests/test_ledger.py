@@ -150,7 +150,7 @@ def test_suspended_and_grace_period_block_spending(org):
     assert ledger.debit(org.id, 1).balance == 999
 
 
-def test_usage_cap_blocks_and_lowering_or_clearing_it_applies_at_once(org):
+def test_usage_cap_blocks_and_lowering_or_clearing_it_applies_at_once(org, clock):
     ledger.grant(org.id, 10_000, "adjustment")
     accounts.update_settings(org.id, {"usage_cap": 1000})
     metering.record_usage(org.id, "api_call", 9, 100, "u1")  # 900 spent

@@ -39,7 +39,7 @@ USAGE = {
 }
 
 
-def test_record_usage_debits_and_shows_in_usage_and_history(client, funded):
+def test_record_usage_debits_and_shows_in_usage_and_history(client, funded, clock):
     r = client.post(usage_url(funded.id), json=USAGE, headers=SERVICE_HEADERS)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -74,7 +74,7 @@ def test_insufficient_credit_is_402_problem(client, funded):
     assert "credits" in r.json()["detail"]
 
 
-def test_usage_cap_over_http(client, funded):
+def test_usage_cap_over_http(client, funded, clock):
     client.patch(
         f"/v1/organizations/{funded.id}/billing",
         json={"usageCapDecimillicents": 250},
