@@ -28,16 +28,9 @@ MONEY_MODULES = [
     "billing/auto_recharge.py",
     "billing/metering.py",
 ]
-# In-process tests only: no gunicorn, no browser, no npm (mutmut runs them once per mutant).
-TESTS = [
-    "tests",
-    "--ignore=tests/contract",
-    "--ignore=tests/system",
-    "-x",
-    "-q",
-    "-p",
-    "no:randomly",
-]
+# In-process tests only: no gunicorn, no browser, no npm. mutmut 3 runs, for each mutant, only
+# the tests whose run reached the mutated function.
+TEST_SELECTION = ["tests", "--ignore=tests/contract", "--ignore=tests/system"]
 RESULT_LINE = re.compile(r"^\s*(?P<name>[\w.]+__mutmut_\d+): (?P<status>[\w ]+)$")
 
 
@@ -54,12 +47,16 @@ def _write_config(module: str) -> str:
     """mutmut 3 reads [mutmut] from setup.cfg; write one for this module, return the old."""
     cfg = ROOT / "setup.cfg"
     previous = cfg.read_text() if cfg.exists() else ""
+
+    def listed(values: list[str]) -> str:
+        return "".join(f"\n    {value}" for value in values)
+
     cfg.write_text(
         "[mutmut]\n"
-        f"paths_to_mutate={module}\n"
-        "tests_dir=tests/\n"
-        "also_copy=\n    billing/\n    handlers/\n    models/\n    scripts/\n    openapi.yaml\n"
-        f"pytest_add_cli_args={' '.join(TESTS[1:])}\n"
+        f"source_paths={module}\n"
+        f"pytest_add_cli_args_test_selection={listed(TEST_SELECTION)}\n"
+        f"also_copy={listed(['billing/', 'handlers/', 'models/', 'scripts/', 'openapi.yaml'])}\n"
+        f"pytest_add_cli_args={listed(['-q'])}\n"
     )
     return previous
 
