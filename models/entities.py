@@ -6,16 +6,10 @@ match them (a test compares the two on both databases).
 
 from __future__ import annotations
 
-import datetime as dt
-
 import peewee
 
+from models.clock import utcnow
 from models.db import database
-
-
-def utcnow() -> dt.datetime:
-    """Naive UTC, the form every timestamp column stores."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 class BaseModel(peewee.Model):

@@ -3,12 +3,15 @@
 The same files run on SQLite and PostgreSQL; the only dialect difference, the auto-increment
 primary key, is written `{pk}`. Each file runs in one transaction together with its row in
 `schema_migrations`, so a failed migration leaves nothing behind. On PostgreSQL an advisory lock
-makes concurrent runners (several instances starting at once) take turns.
+makes concurrent runners (several instances starting at once) take turns; on SQLite the
+writer lock does.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import peewee
@@ -37,20 +40,33 @@ def applied_migrations(db: peewee.Database) -> set[str]:
     return {row[0] for row in db.execute_sql("SELECT version FROM schema_migrations")}
 
 
+@contextmanager
+def _migration_transaction(db: peewee.Database) -> Iterator[None]:
+    """A transaction that no other migrator runs beside: PostgreSQL takes the advisory lock
+    first thing; SQLite begins IMMEDIATE (a deferred one would deadlock upgrading its read
+    lock against another runner and fail with "database is locked")."""
+    if isinstance(db, peewee.PostgresqlDatabase):
+        with db.atomic():
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK_ID,))
+            yield
+    else:
+        with db.atomic(lock_type="IMMEDIATE"):
+            yield
+
+
 def migrate(db: peewee.Database) -> list[str]:
     """Apply every pending migration; return the versions applied now."""
     dialect = "postgres" if isinstance(db, peewee.PostgresqlDatabase) else "sqlite"
     applied_now: list[str] = []
     with db.connection_context():
-        db.execute_sql(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(version VARCHAR(100) PRIMARY KEY, applied_at TIMESTAMP NOT NULL "
-            "DEFAULT CURRENT_TIMESTAMP)"
-        )
+        with _migration_transaction(db):
+            db.execute_sql(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version VARCHAR(100) PRIMARY KEY, applied_at TIMESTAMP NOT NULL "
+                "DEFAULT CURRENT_TIMESTAMP)"
+            )
         for version, path in available_migrations():
-            with db.atomic():
-                if dialect == "postgres":
-                    db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK_ID,))
+            with _migration_transaction(db):
                 if version in applied_migrations(db):
                     continue
                 for statement in _statements(path.read_text(), dialect):

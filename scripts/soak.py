@@ -199,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         == stored_events,
         f"balance = seed + top-ups - usage ({balance} = {expected_balance})": balance
         == expected_balance,
+        # A run where every request was refused would pass every equality above.
+        f"work was done ({len(charged)} usage charges, {len(delivered)} top-up events, "
+        f"{statuses['GET credits'][200]} balance reads)": min(
+            len(charged), len(delivered), statuses["GET credits"][200]
+        )
+        > 0,
     }
     total = sum(sum(c.values()) for c in statuses.values())
     server_errors = sum(n for c in statuses.values() for s, n in c.items() if s >= 500)

@@ -4,6 +4,7 @@ TEST_DATABASE_URL says so), emptied between tests, and the HTTP app with respons
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 import uuid
@@ -113,6 +114,35 @@ def org(db) -> Org:
         member=bearer(f"member-{suffix}"),
         outsider=bearer(f"outsider-{suffix}"),
     )
+
+
+class FakeClock:
+    """A clock the test moves by hand; every "now" in the app reads it while installed."""
+
+    def __init__(self, start: dt.datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def set(self, moment: dt.datetime) -> None:
+        self.now = moment
+
+    def advance(self, **delta: float) -> None:
+        self.now += dt.timedelta(**delta)
+
+
+# Mid-month, so a test that reads "this month" cannot straddle a month boundary by accident.
+MID_MONTH = dt.datetime(2026, 11, 15, 12, 0, 0)
+
+
+@pytest.fixture
+def clock() -> Iterator[FakeClock]:
+    from models.clock import use_clock
+
+    fake = FakeClock(MID_MONTH)
+    with use_clock(fake):
+        yield fake
 
 
 @pytest.fixture(scope="session")

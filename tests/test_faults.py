@@ -14,7 +14,14 @@ from billing import ledger
 from billing.config import get_settings
 from billing.stripe_gateway import get_gateway
 from billing.units import CENT
-from models import BillingAccount, CheckoutSession, CreditEntry, WebhookEvent, database
+from models import (
+    BillingAccount,
+    CheckoutSession,
+    CreditEntry,
+    UsageRecord,
+    WebhookEvent,
+    database,
+)
 from tests.conftest import SERVICE_HEADERS
 from tests.ledger_checks import assert_ledger_invariants
 from tests.stripe_fakes import event_body, signature_for, stripe_object
@@ -75,14 +82,22 @@ def test_stripe_timeout_is_a_clear_problem(client, org, retrying):
 
 
 def test_database_failure_mid_transaction_leaves_nothing(client, org, monkeypatch):
+    """The database fails on the debit's SECOND write, after the first one went through:
+    the partial write must roll back with the rest."""
     with database.connection_context():
         ledger.grant(org.id, 1000, "top_up", "seed")
-    real_create = CreditEntry.create
+    db = database.obj
+    real_execute_sql = db.execute_sql
+    writes: list[str] = []
 
-    def fail_after_lock(**kwargs):
-        raise peewee.OperationalError("server closed the connection unexpectedly")
+    def fail_second_write(sql, params=None, *args, **kwargs):
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            writes.append(sql)
+            if len(writes) == 2:
+                raise peewee.OperationalError("server closed the connection unexpectedly")
+        return real_execute_sql(sql, params, *args, **kwargs)
 
-    monkeypatch.setattr(CreditEntry, "create", fail_after_lock)
+    monkeypatch.setattr(db, "execute_sql", fail_second_write)
     usage = {
         "category": "api_call",
         "quantity": 1,
@@ -92,11 +107,14 @@ def test_database_failure_mid_transaction_leaves_nothing(client, org, monkeypatc
     r = client.post(
         f"/v1/service/organizations/{org.id}/usage", json=usage, headers=SERVICE_HEADERS
     )
+    monkeypatch.undo()
     assert r.status_code == 500 and "database" in r.json()["detail"]
-    monkeypatch.setattr(CreditEntry, "create", real_create)
+    assert len(writes) == 2  # one write went through before the failure
     with database.connection_context():
         account = assert_ledger_invariants(org.id)
         assert account.credits_balance == 1000
+        assert CreditEntry.select().count() == 1  # the seed only
+        assert UsageRecord.select().count() == 0
     retry = client.post(
         f"/v1/service/organizations/{org.id}/usage", json=usage, headers=SERVICE_HEADERS
     )

@@ -124,6 +124,16 @@ def test_finalize_above_hold_needs_the_extra(org):
     assert_ledger_invariants(org.id)
 
 
+def test_finalize_one_above_a_hold_of_everything_is_refused(org):
+    """The boundary: the hold is all there is, so one more than the hold is refused."""
+    ledger.grant(org.id, 1000, "adjustment")
+    held = ledger.reserve(org.id, 1000, "job-edge")
+    with pytest.raises(PaymentRequired):
+        ledger.finalize_reservation(org.id, held.reservation.id, 1001)
+    assert ledger.finalize_reservation(org.id, held.reservation.id, 1000).balance == 0
+    assert_ledger_invariants(org.id)
+
+
 def test_suspended_and_grace_period_block_spending(org):
     ledger.grant(org.id, 1000, "adjustment")
     BillingAccount.update(suspended_at=utcnow()).execute()
@@ -140,7 +150,7 @@ def test_suspended_and_grace_period_block_spending(org):
     assert ledger.debit(org.id, 1).balance == 999
 
 
-def test_usage_cap_blocks_and_lowering_or_clearing_it_applies_at_once(org):
+def test_usage_cap_blocks_and_lowering_or_clearing_it_applies_at_once(org, clock):
     ledger.grant(org.id, 10_000, "adjustment")
     accounts.update_settings(org.id, {"usage_cap": 1000})
     metering.record_usage(org.id, "api_call", 9, 100, "u1")  # 900 spent

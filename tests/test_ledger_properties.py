@@ -35,9 +35,12 @@ class LedgerMachine(RuleBasedStateMachine):
         self.snapshot: dict[int, tuple] = {}
         self.cap: int | None = None
         self.spent = 0  # charges this period, what the usage cap counts
+        self.usage: dict[str, tuple[int, int]] = {}  # reference -> (quantity, unit cost)
+        self.reservations: dict[str, int] = {}  # reference -> amount held (any status)
 
-    def _may_spend(self, amount: int) -> bool:
-        reserved = sum(self.holds.values())
+    def _may_spend(self, amount: int, reserved: int | None = None) -> bool:
+        """The model's own answer to "may `amount` more be spent now?"."""
+        reserved = sum(self.holds.values()) if reserved is None else reserved
         within_cap = self.cap is None or self.spent + reserved + amount <= self.cap
         return within_cap and amount <= self.balance - reserved
 
@@ -65,26 +68,42 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(quantity=st.integers(1, 20), unit=st.integers(0, 300), ref=refs)
     def record_usage(self, quantity, unit, ref):
+        first = self.usage.get(ref)
         try:
             result = metering.record_usage(self.org, "api_call", quantity, unit, f"u:{ref}")
-        except (PaymentRequired, Conflict):
+        except Conflict:
+            assert first is not None and first != (quantity, unit), "a wrong 409"
             return
-        if not result.replayed:
+        except PaymentRequired:
+            assert first is None and not self._may_spend(quantity * unit), "a wrong 402"
+            return
+        assert result.replayed == (first is not None)
+        if first is None:
+            assert self._may_spend(quantity * unit), "spent what the model refuses"
+            self.usage[ref] = (quantity, unit)
             self.balance -= quantity * unit
             self.spent += quantity * unit
+        else:
+            assert first == (quantity, unit), "a different request replayed"
 
     @rule(amount=amounts, ref=refs)
     def reserve(self, amount, ref):
-        allowed = self._may_spend(amount)
+        first = self.reservations.get(ref)
         try:
             result = ledger.reserve(self.org, amount, ref)
         except Conflict:
+            assert first is not None and first != amount, "a wrong 409"
             return
         except PaymentRequired:
-            assert not allowed
+            assert first is None and not self._may_spend(amount), "a wrong 402"
             return
-        if not result.replayed and result.reservation.status == "open":
+        assert result.replayed == (first is not None)
+        if first is None:
+            assert self._may_spend(amount), "held what the model refuses"
+            self.reservations[ref] = amount
             self.holds[result.reservation.id] = amount
+        else:
+            assert first == amount
 
     @rule(data=st.data())
     def finalize(self, data):
@@ -93,11 +112,17 @@ class LedgerMachine(RuleBasedStateMachine):
         # Draw a position, not an id: ids are random UUIDs, so drawing from their sorted order
         # made Hypothesis's replays draw differently (FlakyStrategyDefinition).
         rid = list(self.holds)[data.draw(st.integers(0, len(self.holds) - 1))]
-        actual = data.draw(st.integers(0, self.holds[rid] * 2))
+        hold = self.holds[rid]
+        actual = data.draw(st.one_of(st.integers(0, hold * 2), st.sampled_from([hold, hold + 1])))
+        # Up to the hold is always allowed; above it, the whole amount is checked with the
+        # hold given back.
+        allowed = actual <= hold or self._may_spend(actual, sum(self.holds.values()) - hold)
         try:
             ledger.finalize_reservation(self.org, rid, actual)
         except PaymentRequired:
+            assert not allowed, "a wrong 402"
             return
+        assert allowed, "charged what the model refuses"
         del self.holds[rid]
         self.balance -= actual
         self.spent += actual
@@ -112,6 +137,22 @@ class LedgerMachine(RuleBasedStateMachine):
         ledger.release_reservation(self.org, rid)
         del self.holds[rid]
 
+    @rule(data=st.data())
+    def debit_at_an_edge(self, data):
+        """Debit exactly what is available, or what the cap leaves, give or take one: the
+        boundaries a random amount almost never hits."""
+        reserved = sum(self.holds.values())
+        edges = [self.balance - reserved]
+        if self.cap is not None:
+            edges.append(self.cap - self.spent - reserved)
+        edge = data.draw(st.sampled_from(edges)) + data.draw(st.sampled_from([-1, 0, 1]))
+        if edge >= 0:
+            self.debit(edge)
+
+    @rule(delta=st.integers(-2, 2))
+    def set_cap_near_spend(self, delta):
+        self.set_cap(max(0, self.spent + sum(self.holds.values()) + delta))
+
     @rule(cap=st.one_of(st.none(), st.integers(0, 20_000)))
     def set_cap(self, cap):
         accounts.update_settings(self.org, {"usage_cap": cap})
@@ -119,8 +160,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(amount=amounts)
     def refund(self, amount):
+        available = self.balance - sum(self.holds.values())
+        expected = min(amount, max(0, available))  # never into what is spent or held
         result = ledger.take_back(self.org, amount, "refund", None, None, None)  # type: ignore[arg-type]
-        self.balance += result.entry.amount
+        assert result.entry.amount == -expected
+        self.balance -= expected
 
     @invariant()
     def invariants_hold(self):

@@ -89,21 +89,47 @@ def test_logs_are_json_with_request_id_and_no_secrets(client, org):
     assert all(token not in json.dumps(line) for line in lines)
 
 
+def _samples(client) -> dict[tuple[str, frozenset], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_metrics_expose_requests_errors_and_ledger(client, org):
+    """Counters are process-wide, so this test reads what ITS requests added, not totals
+    that earlier tests may have left behind."""
     from billing import ledger
 
+    credits_ok = (
+        "billing_http_requests_total",
+        frozenset({"method": "GET", "operation": "getCreditBalance", "status": "200"}.items()),
+    )
+    not_found = ("billing_http_errors_total", frozenset({"status": "404"}.items()))
+    adjustments = ("billing_ledger_entries_total", frozenset({"entry_type": "adjustment"}.items()))
+    latency = (
+        "billing_http_request_duration_seconds_count",
+        frozenset({"operation": "getCreditBalance"}.items()),
+    )
+    before = _samples(client)
     with database.connection_context():
         ledger.grant(org.id, 5, "adjustment")
     client.get(f"/v1/billing/{org.id}/credits", headers=org.owner)
+    client.get(f"/v1/billing/{org.id}/credits", headers=org.owner)
     client.get(f"/v1/billing/{org.id}/credits", headers=org.outsider)
-    text = client.get("/metrics").text
-    assert (
-        'billing_http_requests_total{method="GET",operation="getCreditBalance",status="200"}'
-        in text
-    )
-    assert 'billing_http_errors_total{status="404"}' in text
-    assert "billing_http_request_duration_seconds_bucket" in text
-    assert 'billing_ledger_entries_total{entry_type="adjustment"}' in text
+    after = _samples(client)
+
+    def added(key):
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert added(credits_ok) == 2
+    assert added(not_found) == 1
+    assert added(adjustments) == 1
+    assert added(latency) == 3
 
 
 def test_health_and_readiness(client):

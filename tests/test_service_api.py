@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,7 +39,7 @@ USAGE = {
 }
 
 
-def test_record_usage_debits_and_shows_in_usage_and_history(client, funded):
+def test_record_usage_debits_and_shows_in_usage_and_history(client, funded, clock):
     r = client.post(usage_url(funded.id), json=USAGE, headers=SERVICE_HEADERS)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -72,7 +74,7 @@ def test_insufficient_credit_is_402_problem(client, funded):
     assert "credits" in r.json()["detail"]
 
 
-def test_usage_cap_over_http(client, funded):
+def test_usage_cap_over_http(client, funded, clock):
     client.patch(
         f"/v1/organizations/{funded.id}/billing",
         json={"usageCapDecimillicents": 250},
@@ -160,16 +162,41 @@ def test_failed_request_frees_its_key(client, funded):
     assert client.post(usage_url(funded.id), json=big, headers=headers).status_code == 200
 
 
-def test_concurrent_same_key_does_the_work_once(client, funded):
+def test_concurrent_same_key_does_the_work_once(client, funded, monkeypatch):
+    """The key alone dedupes: the first request's work is held open until every other
+    request with the same key has answered, so they can only see the claim in progress."""
+    from handlers import service
+
     headers = {**SERVICE_HEADERS, "Idempotency-Key": "key-3"}
     body = {**USAGE, "referenceId": "concurrent"}
+    calls: list[int] = []
+    others_done = threading.Event()
+    real = service.metering.record_usage
+
+    def slow_record_usage(*args, **kwargs):
+        calls.append(1)
+        others_done.wait(timeout=30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.metering, "record_usage", slow_record_usage)
 
     def send(_):
-        return client.post(usage_url(funded.id), json=body, headers=headers).status_code
+        return client.post(usage_url(funded.id), json=body, headers=headers)
 
     with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(send, range(16)))
-    assert set(statuses) <= {200, 409} and 200 in statuses
+        first = pool.submit(send, 0)
+        while not calls:  # the first request holds the claim
+            time.sleep(0.01)
+        rest = list(pool.map(send, range(15)))
+        others_done.set()
+        winner = first.result()
+    assert winner.status_code == 200
+    assert [r.status_code for r in rest] == [409] * 15
+    assert all("in progress" in r.json()["detail"] for r in rest)
+    assert len(calls) == 1
+    replay = client.post(usage_url(funded.id), json=body, headers=headers)
+    assert replay.status_code == 200 and replay.json() == winner.json()
+    assert len(calls) == 1
     with database.connection_context():
         assert UsageRecord.select().count() == 1
         assert CreditEntry.select().where(CreditEntry.amount < 0).count() == 1

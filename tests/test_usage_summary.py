@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from billing import ledger, metering
-from models import UsageRecord, database, utcnow
+from models import UsageRecord, database
 
 
 def url(org_id: str) -> str:
@@ -15,7 +15,7 @@ def url(org_id: str) -> str:
 
 
 @pytest.fixture
-def usage(org):
+def usage(org, clock):
     with database.connection_context():
         ledger.grant(org.id, 10**9, "adjustment", "seed")
         metering.record_usage(org.id, "api_call", 3, 100, "u1")
@@ -34,8 +34,8 @@ def test_default_period_is_current_month(client, usage):
     body = r.json()
     assert body["totalQuantity"] == 5
     assert body["totalCostDecimillicents"] == 500
-    now = utcnow()
-    assert body["periodStart"] == now.strftime("%Y-%m-01T00:00:00Z")
+    assert body["periodStart"] == "2026-11-01T00:00:00Z"  # the clock's month
+    assert body["periodEnd"] == "2026-12-01T00:00:00Z"
     assert body["category"] == "api_call"
     assert body["organizationId"] == usage.id
 

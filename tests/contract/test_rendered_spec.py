@@ -53,6 +53,7 @@ def rendered():
         dom = chromium(f"{server.base_url}/ui/", "--dump-dom")
         artifacts = ROOT / "artifacts"
         artifacts.mkdir(exist_ok=True)
+        (artifacts / "swagger-ui.png").unlink(missing_ok=True)  # never pass on an old one
         chromium(f"{server.base_url}/ui/", f"--screenshot={artifacts / 'swagger-ui.png'}")
     return html.unescape(dom)
 
@@ -73,5 +74,8 @@ def test_every_operation_is_rendered(rendered):
 
 
 def test_screenshot_saved(rendered):
-    shot = ROOT / "artifacts/swagger-ui.png"
-    assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    """This run's screenshot (the fixture deletes any earlier one), at the window's size."""
+    shot = (ROOT / "artifacts/swagger-ui.png").read_bytes()
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(shot[16:20], "big"), int.from_bytes(shot[20:24], "big")
+    assert (width, height) == (1280, 4000)

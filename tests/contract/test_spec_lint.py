@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
-import pytest
-
 from scripts.local_server import ROOT
+from tests.contract.tools import needs_npm
 
 TS = ROOT / "tests/contract/ts"
 
 
-@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+@needs_npm
 def test_redocly_lint_is_clean():
     subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], cwd=TS, check=True)
     result = subprocess.run(

@@ -12,4 +12,5 @@ def test_short_soak_keeps_every_invariant(capsys):
     assert "requests served:" in out
     assert "FAILED" not in out, out
     assert "5xx answers: 0" in out, out
+    assert "[ok] work was done" in out, out
     assert status == 0, out
