@@ -1,6 +1,7 @@
 """Peewee models, the database binding and the migration runner."""
 
 from models.db import (
+    after_rollback,
     connect_database,
     connection,
     database,
@@ -37,6 +38,7 @@ __all__ = [
     "Reservation",
     "UsageRecord",
     "WebhookEvent",
+    "after_rollback",
     "connect_database",
     "connection",
     "database",
