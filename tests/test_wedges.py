@@ -302,3 +302,16 @@ def test_a_service_body_without_content_type_is_a_400(client, org):
     r = client.post(url, content=body, headers=SERVICE_HEADERS)
     assert r.status_code == 400, r.text
     assert r.json()["code"] == "BadRequest"
+
+
+def test_stripe_idempotency_keys_stay_within_stripes_limit(client, org, stripe_mode):
+    """`top-up:{org}:{Idempotency-Key}` can reach 299 characters; Stripe takes at most 255."""
+    headers = {**org.owner, "Idempotency-Key": LONGEST_KEY}
+    first = client.post(f"/v1/billing/{org.id}/top-up", json=TOP_UP, headers=headers)
+    assert first.status_code == 200, first.text
+    sent = [k for k in stripe_mode.idempotency_keys if k and k.startswith("top-up")]
+    assert sent and all(len(k) <= 255 for k in sent)
+    other = {**org.owner, "Idempotency-Key": LONGEST_KEY[:-1] + "L"}
+    client.post(f"/v1/billing/{org.id}/top-up", json=TOP_UP, headers=other)
+    sent = [k for k in stripe_mode.idempotency_keys if k and k.startswith("top-up")]
+    assert len(set(sent)) == 2  # distinct caller keys stay distinct Stripe keys
