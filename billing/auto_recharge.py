@@ -121,7 +121,7 @@ def _unsettled(attempt: AutoRechargeRequest) -> Any:
 
 
 def _backoff(settings: Settings, attempts: int) -> float:
-    """Exponential, capped, with full jitter on the upper half (spreads a herd of retries)."""
+    """Exponential and capped, then jittered to 50-100% of it (spreads a herd of retries)."""
     ceiling = min(
         settings.auto_recharge_retry_max_seconds,
         settings.auto_recharge_retry_base_seconds * 2 ** max(0, attempts - 1),
