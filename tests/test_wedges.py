@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from typing import Any
 
 import pytest
 
@@ -315,3 +316,42 @@ def test_stripe_idempotency_keys_stay_within_stripes_limit(client, org, stripe_m
     client.post(f"/v1/billing/{org.id}/top-up", json=TOP_UP, headers=other)
     sent = [k for k in stripe_mode.idempotency_keys if k and k.startswith("top-up")]
     assert len(set(sent)) == 2  # distinct caller keys stay distinct Stripe keys
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_concurrent_takeovers_of_a_dead_claim_run_the_work_once(app, org, round_):
+    """Eight retries race to take over one expired claim: one wins and does the work (one
+    checkout session); the others answer 409 "in progress" or the winner's stored response."""
+    import threading
+
+    import jwt
+
+    from models import CheckoutSession
+
+    token = org.owner["Authorization"].split()[1]
+    owner_id = jwt.decode(token, options={"verify_signature": False})["sub"]
+    scope = f"user:{owner_id}:top-up:{org.id}"
+    with database.connection_context():
+        _abandoned_claim(scope, "k-race", TOP_UP, True)
+    barrier = threading.Barrier(8)
+    answers: list[tuple[int, Any]] = []
+
+    def retry() -> None:
+        with app.test_client() as c:
+            barrier.wait()
+            r = c.post(
+                f"/v1/billing/{org.id}/top-up",
+                json=TOP_UP,
+                headers={**org.owner, "Idempotency-Key": "k-race"},
+            )
+            answers.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=retry) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted({status for status, _ in answers}) in ([200], [200, 409]), answers
+    assert len({json.dumps(body) for status, body in answers if status == 200}) == 1
+    with database.connection_context():
+        assert CheckoutSession.select().where(CheckoutSession.organization == org.id).count() == 1
