@@ -276,6 +276,9 @@ def test_trusted_proxy_count_is_validated(monkeypatch):
     monkeypatch.setenv("TRUSTED_PROXY_COUNT", "-1")
     with pytest.raises(ConfigError, match="TRUSTED_PROXY_COUNT"):
         load_settings()
+    monkeypatch.delenv("TRUSTED_PROXY_COUNT")
+    monkeypatch.setenv("TRUST_FORWARDED_FOR", "true")  # the deprecated switch: one proxy
+    assert load_settings().trusted_proxy_count == 1
 
 
 # --- 8. content types ----------------------------------------------------------------------
