@@ -5,6 +5,9 @@ Every call has an explicit timeout, bounded retries (the library retries connect
 second customer, session or charge. A Stripe failure becomes `UpstreamUnavailable`, which
 callers let propagate before they write anything.
 
+No database connection is held while Stripe is called (`connection_released`): a hanging
+Stripe then costs waiting requests, never the pool every debit needs.
+
 `LocalGateway` is the embedded default (local billing mode): the same interface with no
 network, so the service runs with no Stripe account.
 """
@@ -24,6 +27,7 @@ import stripe
 from billing.config import Settings, get_settings
 from billing.errors import InvalidRequest, UpstreamUnavailable
 from billing.units import to_stripe_cents
+from models import connection_released
 
 TOLERANCE = 300  # seconds a webhook signature stays valid, Stripe's default
 STRIPE_KEY_MAX = 255  # Stripe refuses longer idempotency keys
@@ -124,7 +128,8 @@ class StripeGateway:
     def _call(fn: Any, params: dict[str, Any], idempotency_key: str | None = None) -> Any:
         options = {"idempotency_key": bounded_key(idempotency_key)} if idempotency_key else {}
         try:
-            return fn(params=params, options=options)
+            with connection_released():
+                return fn(params=params, options=options)
         except stripe.InvalidRequestError as exc:
             raise InvalidRequest(
                 f"the payment provider refused the request: {exc.user_message or exc.code}"
@@ -236,10 +241,11 @@ class StripeGateway:
             ),
         }
         try:
-            intent = self._client.v1.payment_intents.create(
-                params=params,  # type: ignore[arg-type]
-                options={"idempotency_key": f"auto-recharge:{attempt_id}"},
-            )
+            with connection_released():
+                intent = self._client.v1.payment_intents.create(
+                    params=params,  # type: ignore[arg-type]
+                    options={"idempotency_key": f"auto-recharge:{attempt_id}"},
+                )
         except stripe.CardError as exc:
             # Real Stripe answers an off-session 3-D Secure need with a card error whose
             # payment intent carries the client secret; a decline has the same shape.

@@ -164,3 +164,27 @@ def connection() -> Iterator[None]:
             db.close()
     else:
         yield
+
+
+@contextmanager
+def connection_released() -> Iterator[None]:
+    """Give this thread's pooled connection back while it waits on the network (a Stripe
+    call), then take one again: requests stuck on a hanging Stripe must not hold every
+    connection of the pool and starve the debits of every organization.
+
+    Only between transactions (inside one, the connection holds its state and locks); a no-op
+    on SQLite, whose connections are per thread and not pooled.
+    """
+    db = database.obj
+    if not isinstance(db, PooledPostgresqlDatabase) or db.is_closed() or db.in_transaction():
+        yield
+        return
+    # close() forgets the open connection contexts (peewee keeps them per connection state);
+    # they are put back so that their exits still find them.
+    contexts = list(db._state.ctx)
+    db.close()
+    try:
+        yield
+    finally:
+        db.connect(reuse_if_open=True)
+        db._state.ctx.extend(contexts)

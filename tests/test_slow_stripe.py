@@ -11,6 +11,7 @@ A watchdog ends the hang after a while so that a regression fails instead of han
 
 from __future__ import annotations
 
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,10 +32,13 @@ WATCHDOG_SECONDS = 20
 
 
 class HangingCustomers:
-    """A front for the fixture front: `POST /v1/customers` for `slow_org` hangs until released."""
+    """A front for the fixture front: `POST /v1/customers` for `slow_org` (or, with
+    `hang_path`, every POST to that path) hangs until released."""
 
-    def __init__(self, upstream: str, slow_org: str) -> None:
+    def __init__(self, upstream: str, slow_org: str, hang_path: str | None = None) -> None:
         self.arrived = threading.Event()
+        self.arrivals = 0
+        self.lock = threading.Lock()
         self.release = threading.Event()
         self.released_by_watchdog = False
         outer = self
@@ -47,11 +51,15 @@ class HangingCustomers:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 fields = dict(parse_qsl(raw.decode(), keep_blank_values=True))
-                if (
-                    self.command == "POST"
-                    and self.path.startswith("/v1/customers")
-                    and fields.get("metadata[organization_id]") == slow_org
+                if self.command == "POST" and (
+                    self.path == hang_path
+                    or (
+                        self.path.startswith("/v1/customers")
+                        and fields.get("metadata[organization_id]") == slow_org
+                    )
                 ):
+                    with outer.lock:
+                        outer.arrivals += 1
                     outer.arrived.set()
                     if not outer.release.wait(WATCHDOG_SECONDS):
                         outer.released_by_watchdog = True
@@ -74,6 +82,9 @@ class HangingCustomers:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def still_hanging(self) -> bool:
+        return not (self.release.is_set() or self.released_by_watchdog)
 
     def close(self) -> None:
         self.release.set()
@@ -132,7 +143,7 @@ def test_debits_complete_while_stripe_customers_hangs(app, hanging):
                 },
                 headers=SERVICE_HEADERS,
             )
-            finished_while_hanging.append((org_id, r.status_code, not front.release.is_set()))
+            finished_while_hanging.append((org_id, r.status_code, front.still_hanging()))
     still_hanging = not front.released_by_watchdog
     front.release.set()
     thread.join(60)
@@ -177,3 +188,67 @@ def test_concurrent_first_calls_record_one_customer(app, stripe_mode, org):
         customer = BillingAccount.get_by_id(org.id).stripe_customer_id
     sessions = stripe_mode.sent("POST", "/v1/checkout/sessions")
     assert {s["customer"] for s in sessions} == {customer}
+
+
+@pytest.mark.skipif(
+    not os.environ.get("TEST_DATABASE_URL", "").startswith("postgres"),
+    reason="the connection pool is PostgreSQL's (SQLite connections are per thread)",
+)
+def test_requests_hanging_on_stripe_do_not_take_the_pool(stripe_mode, monkeypatch, db):
+    """More top-ups hang on Stripe than the pool has connections; debits still get one."""
+    from handlers.app import create_app
+    from models import connect_database
+
+    with database.connection_context():
+        org = create_organization("hanging checkouts")
+        add_member(org.id, f"owner-{org.id[:8]}", "owner", None)
+        ledger.grant(org.id, 100 * DOLLAR, "top_up", "seed")
+        BillingAccount.update(stripe_customer_id="cus_preset").execute()
+    front = HangingCustomers(stripe_mode.url, "", hang_path="/v1/checkout/sessions")
+    monkeypatch.setenv("STRIPE_API_BASE", front.url)
+    monkeypatch.setenv("STRIPE_TIMEOUT_SECONDS", "60")
+    get_settings.cache_clear()
+    get_gateway.cache_clear()
+    small_pool = create_app(get_settings().model_copy(update={"db_pool_size": 2}))
+    owner = bearer(f"owner-{org.id[:8]}")
+    hanging = []
+    try:
+
+        def top_up() -> None:
+            with small_pool.test_client() as c:
+                c.post(
+                    f"/v1/billing/{org.id}/top-up",
+                    json={
+                        "amountDecimillicents": DOLLAR,
+                        "successUrl": "https://example.com/ok",
+                        "cancelUrl": "https://example.com/no",
+                    },
+                    headers=owner,
+                )
+
+        hanging = [threading.Thread(target=top_up) for _ in range(3)]
+        for t in hanging:
+            t.start()
+        while front.arrivals < 2 and not front.release.wait(0.05):
+            pass  # at least as many requests wait on Stripe as the pool has connections
+        outcomes = []
+        with small_pool.test_client() as client:
+            for n in range(3):
+                r = client.post(
+                    f"/v1/service/organizations/{org.id}/usage",
+                    json={
+                        "category": "api_call",
+                        "quantity": 1,
+                        "unitCostDecimillicents": DOLLAR,
+                        "referenceId": f"pool-{n}",
+                    },
+                    headers=SERVICE_HEADERS,
+                )
+                outcomes.append((r.status_code, front.still_hanging()))
+        assert outcomes == [(200, True)] * 3, outcomes
+    finally:
+        front.close()
+        for t in hanging:
+            t.join(60)
+        get_settings.cache_clear()
+        connect_database(get_settings().database_url, get_settings().db_pool_size)
