@@ -1,22 +1,39 @@
 """Auto-recharge: drain the outbox the ledger writes and charge the saved card off-session.
 
-Rules: one request in flight per organization (the ledger enqueues at most one pending or
-processing request, and none within the cooldown after the last one); success grants credits
-once per payment; a decline is recorded and, after `auto_recharge_max_failures` consecutive
-failures, auto-recharge is turned off with a reason; a 3-D Secure challenge is stored and
-surfaced until the payment succeeds, fails for good, or a newer attempt supersedes it.
+Rules (the enqueue policy lives in `billing.recharge_policy`):
+- a claim is a lease: `_claim_next` moves the request that is due first (by
+  `next_attempt_at`, so one organization's retries never starve another's) to `processing`
+  with `lease_expires_at`; a request whose lease ran out (its worker died) is claimable
+  again by any worker, up to `AUTO_RECHARGE_MAX_ATTEMPTS` claims in all;
+- every claim of one request charges with the same Stripe idempotency key
+  (`auto-recharge:{attempt_id}`), and the attempt id is in the PaymentIntent's metadata
+  before the call, so a takeover never charges twice and webhooks can settle the attempt by
+  its id even when the worker died before it learned the PaymentIntent id;
+- a worker writes an outcome only while it still owns its claim (status `processing` and
+  the claim number it took), so a worker that lost its lease cannot overwrite a newer state;
+- success grants credits once per payment; a decline or a permanent refusal fails the
+  attempt with a reason and counts toward turning auto-recharge off; an outage (5xx,
+  timeout, 429, connection) puts the request back with exponential backoff and jitter, and
+  fails it (uncounted) once the attempts are spent;
+- a 3-D Secure challenge is stored and surfaced until the payment succeeds, fails for good,
+  or a newer attempt supersedes it.
+No database transaction or lock is held while Stripe is called.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import random
 import threading
 from dataclasses import dataclass
+from typing import Any
 
-from billing import ledger
-from billing.accounts import get_account, lock_account
+from billing import ledger, recharge_policy
+from billing.accounts import get_account
 from billing.config import Settings
 from billing.errors import UpstreamUnavailable
+from billing.recharge_policy import IN_FLIGHT, SETTLED, AttemptStatus, FailureKind
 from billing.stripe_gateway import BillingGateway
 from models import (
     AutoRechargeRequest,
@@ -38,80 +55,142 @@ class RequiresAction:
     client_secret: str
 
 
-def _claim_next() -> AutoRechargeRequest | None:
-    """Move the oldest pending request to `processing` (SKIP LOCKED lets workers share)."""
+def _due(now: dt.datetime) -> Any:
+    return (
+        (AutoRechargeRequest.status == AttemptStatus.pending)
+        & (AutoRechargeRequest.next_attempt_at <= now)
+    ) | (
+        (AutoRechargeRequest.status == AttemptStatus.processing)
+        & (
+            AutoRechargeRequest.lease_expires_at.is_null()
+            | (AutoRechargeRequest.lease_expires_at <= now)
+        )
+    )
+
+
+def _claim_next(settings: Settings) -> AutoRechargeRequest | None:
+    """Lease the request due first (SKIP LOCKED lets workers share the queue)."""
+    now = utcnow()
     with write_transaction():
         request = locked(
             AutoRechargeRequest.select()
-            .where(AutoRechargeRequest.status == "pending")
-            .order_by(AutoRechargeRequest.created_at)
+            .where(_due(now))
+            .order_by(AutoRechargeRequest.next_attempt_at, AutoRechargeRequest.created_at)
             .limit(1),
             skip_locked=True,
         ).first()
         if request is None:
             return None
-        request.status = "processing"
+        request.status = AttemptStatus.processing
         request.attempts += 1
-        request.updated_at = utcnow()
+        request.lease_expires_at = now + dt.timedelta(seconds=settings.auto_recharge_lease_seconds)
+        request.updated_at = now
         request.save()
         return request
 
 
-def _finish(request_id: str, status: str, **fields: object) -> None:
-    AutoRechargeRequest.update(
-        status=status, updated_at=utcnow(), completed_at=utcnow(), **fields
-    ).where(AutoRechargeRequest.id == request_id).execute()
-
-
-def _supersede_challenges(organization_id: str, keep: str) -> None:
-    AutoRechargeRequest.update(status="superseded", updated_at=utcnow()).where(
-        (AutoRechargeRequest.organization == organization_id)
-        & (AutoRechargeRequest.status == "requires_action")
-        & (AutoRechargeRequest.id != keep)
-    ).execute()
-
-
-def _record_failure(organization_id: str, settings: Settings) -> None:
-    recent = list(
-        AutoRechargeRequest.select(AutoRechargeRequest.status)
-        .where(
-            (AutoRechargeRequest.organization == organization_id)
-            & (AutoRechargeRequest.status.in_(("succeeded", "failed")))
-        )
-        .order_by(AutoRechargeRequest.updated_at.desc())
-        .limit(settings.auto_recharge_max_failures)
+def _owned(request: AutoRechargeRequest) -> Any:
+    """Still this worker's claim: processing, with the claim number it took."""
+    return (
+        (AutoRechargeRequest.id == request.id)
+        & (AutoRechargeRequest.status == AttemptStatus.processing)
+        & (AutoRechargeRequest.attempts == request.attempts)
     )
-    if len(recent) >= settings.auto_recharge_max_failures and all(
-        r.status == "failed" for r in recent
-    ):
-        with write_transaction():
-            account = lock_account(organization_id)
-            account.auto_recharge_enabled = False
-            account.auto_recharge_disabled_reason = (
-                f"turned off after {len(recent)} failed charges; update the payment method"
+
+
+def _settle(condition: Any, attempt: AutoRechargeRequest, status: str, **fields: object) -> bool:
+    """Move an attempt out of flight (if `condition` still holds) and free the organization's
+    in-flight slot, in one transaction."""
+    now = utcnow()
+    done = {"completed_at": now} if status in SETTLED else {}
+    with write_transaction():
+        changed = (
+            AutoRechargeRequest.update(
+                status=status, updated_at=now, lease_expires_at=None, **done, **fields
             )
-            account.save(
-                only=[
-                    BillingAccount.auto_recharge_enabled,
-                    BillingAccount.auto_recharge_disabled_reason,
-                ]
-            )
+            .where(condition)
+            .execute()
+        )
+        if changed:
+            recharge_policy.release_in_flight(attempt.organization_id, attempt.id)
+    return bool(changed)
+
+
+def _unsettled(attempt: AutoRechargeRequest) -> Any:
+    return (AutoRechargeRequest.id == attempt.id) & AutoRechargeRequest.status.not_in(SETTLED)
+
+
+def _backoff(settings: Settings, attempts: int) -> float:
+    """Exponential and capped, then jittered to 50-100% of it (spreads a herd of retries)."""
+    ceiling = min(
+        settings.auto_recharge_retry_max_seconds,
+        settings.auto_recharge_retry_base_seconds * 2 ** max(0, attempts - 1),
+    )
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+def _retry_later(request: AutoRechargeRequest, settings: Settings) -> str:
+    if request.attempts >= settings.auto_recharge_max_attempts:
+        _settle(
+            _owned(request),
+            request,
+            AttemptStatus.failed,
+            failure_kind=FailureKind.transient,
+            failure_reason=(
+                f"the payment provider was unavailable for {request.attempts} attempts"
+            ),
+        )
+        return AttemptStatus.failed
+    due = utcnow() + dt.timedelta(seconds=_backoff(settings, request.attempts))
+    AutoRechargeRequest.update(
+        status=AttemptStatus.pending,
+        next_attempt_at=due,
+        lease_expires_at=None,
+        updated_at=utcnow(),
+        failure_reason="the payment provider was unavailable; retrying",
+    ).where(_owned(request)).execute()
+    return AttemptStatus.pending
+
+
+def _fail(
+    condition: Any, attempt: AutoRechargeRequest, kind: FailureKind, reason: str, **fields: object
+) -> bool:
+    failed = _settle(
+        condition,
+        attempt,
+        AttemptStatus.failed,
+        failure_kind=kind,
+        failure_reason=reason[:500],
+        client_secret=None,
+        **fields,
+    )
+    if failed and kind in recharge_policy.COUNTED_FAILURES:
+        recharge_policy.count_failure(attempt.organization_id)
+    return failed
 
 
 def process_one(gateway: BillingGateway, settings: Settings) -> str | None:
-    """Handle one pending request; returns its new status, or None when the outbox is empty."""
-    request = _claim_next()
+    """Handle one due request; returns its new status, or None when nothing is due."""
+    request = _claim_next(settings)
     if request is None:
         return None
     org = request.organization_id
+    if request.attempts > settings.auto_recharge_max_attempts:
+        # Claimed again and again without an outcome (its workers keep dying): stop here; a
+        # payment that did go through is still granted by its webhook.
+        return _retry_later(request, settings)
     account = get_account(org)
     if not account.auto_recharge_enabled:
-        _finish(request.id, "canceled", failure_reason="auto-recharge was turned off")
-        return "canceled"
+        _settle(
+            _owned(request),
+            request,
+            AttemptStatus.canceled,
+            failure_reason="auto-recharge was turned off",
+        )
+        return AttemptStatus.canceled
     if not (account.stripe_customer_id and account.stripe_payment_method_id):
-        _finish(request.id, "failed", failure_reason="no saved payment method")
-        _record_failure(org, settings)
-        return "failed"
+        _fail(_owned(request), request, FailureKind.permanent, "no saved payment method")
+        return AttemptStatus.failed
     try:
         outcome = gateway.charge_off_session(
             org,
@@ -121,43 +200,64 @@ def process_one(gateway: BillingGateway, settings: Settings) -> str | None:
             request.id,
         )
     except UpstreamUnavailable:
-        # Back to the queue; the same attempt id reuses Stripe's idempotency key.
-        AutoRechargeRequest.update(status="pending", updated_at=utcnow()).where(
-            AutoRechargeRequest.id == request.id
-        ).execute()
-        return "pending"
+        return _retry_later(request, settings)
     _supersede_challenges(org, keep=request.id)
     if outcome.status == "succeeded":
         payment_succeeded(org, str(outcome.payment_intent_id), request.amount, request.id)
     elif outcome.status == "requires_action":
-        AutoRechargeRequest.update(
-            status="requires_action",
+        _settle(
+            _owned(request),
+            request,
+            AttemptStatus.requires_action,
             stripe_payment_intent_id=outcome.payment_intent_id,
             client_secret=outcome.client_secret,
-            updated_at=utcnow(),
-        ).where(AutoRechargeRequest.id == request.id).execute()
+        )
     else:
-        _finish(
-            request.id,
-            "failed",
-            failure_reason=outcome.failure_reason,
+        kind = FailureKind(outcome.failure_kind or FailureKind.declined)
+        _fail(
+            _owned(request),
+            request,
+            kind,
+            outcome.failure_reason or "the charge failed",
             stripe_payment_intent_id=outcome.payment_intent_id,
         )
-        _record_failure(org, settings)
     return outcome.status
 
 
-def drain(gateway: BillingGateway, settings: Settings, limit: int = 100) -> int:
+def _supersede_challenges(organization_id: str, keep: str) -> None:
+    AutoRechargeRequest.update(status=AttemptStatus.superseded, updated_at=utcnow()).where(
+        (AutoRechargeRequest.organization == organization_id)
+        & (AutoRechargeRequest.status == AttemptStatus.requires_action)
+        & (AutoRechargeRequest.id != keep)
+    ).execute()
+
+
+def drain(
+    gateway: BillingGateway,
+    settings: Settings,
+    limit: int = 100,
+    stop: threading.Event | None = None,
+) -> int:
+    """Handle due requests one by one; a set `stop` ends it between charges, never inside one."""
     handled = 0
-    while handled < limit and process_one(gateway, settings) is not None:
+    while handled < limit and not (stop is not None and stop.is_set()):
+        if process_one(gateway, settings) is None:
+            break
         handled += 1
     return handled
 
 
-def _attempt_for(organization_id: str, payment_intent_id: str, attempt_id: str | None):
+def _attempt_for(
+    organization_id: str, payment_intent_id: str, attempt_id: str | None
+) -> AutoRechargeRequest | None:
+    """The attempt a PaymentIntent reports on: by the attempt id in its metadata (known
+    before the charge, so it finds attempts whose worker died before recording the
+    PaymentIntent id), else by the PaymentIntent id."""
     condition = AutoRechargeRequest.organization == organization_id
     if attempt_id:
-        return AutoRechargeRequest.get_or_none(condition & (AutoRechargeRequest.id == attempt_id))
+        found = AutoRechargeRequest.get_or_none(condition & (AutoRechargeRequest.id == attempt_id))
+        if found is not None:
+            return found
     return AutoRechargeRequest.get_or_none(
         condition & (AutoRechargeRequest.stripe_payment_intent_id == payment_intent_id)
     )
@@ -176,39 +276,76 @@ def payment_succeeded(
         f"recharge:{payment_intent_id}",
     )
     attempt = _attempt_for(organization_id, payment_intent_id, attempt_id)
-    if attempt is not None and attempt.status != "succeeded":
-        _finish(
-            attempt.id, "succeeded", stripe_payment_intent_id=payment_intent_id, client_secret=None
+    if attempt is not None and attempt.status != AttemptStatus.succeeded:
+        _settle(
+            (AutoRechargeRequest.id == attempt.id)
+            & (AutoRechargeRequest.status != AttemptStatus.succeeded),
+            attempt,
+            AttemptStatus.succeeded,
+            stripe_payment_intent_id=payment_intent_id,
+            client_secret=None,
+            failure_reason=None,
         )
+        recharge_policy.reset_failures(organization_id)
     return "recharge already granted" if result.replayed else "recharge granted"
 
 
-def payment_failed(organization_id: str, payment_intent_id: str, reason: str) -> str:
-    attempt = _attempt_for(organization_id, payment_intent_id, None)
-    if attempt is None or attempt.status in ("succeeded", "failed"):
+def payment_failed(
+    organization_id: str, payment_intent_id: str, reason: str, *, attempt_id: str | None = None
+) -> str:
+    attempt = _attempt_for(organization_id, payment_intent_id, attempt_id)
+    if attempt is None or attempt.status in SETTLED:
         return "auto-recharge failure already recorded"
-    _finish(attempt.id, "failed", failure_reason=reason[:500], client_secret=None)
+    _fail(
+        _unsettled(attempt),
+        attempt,
+        FailureKind.declined,
+        f"the payment failed: {reason}",
+        stripe_payment_intent_id=payment_intent_id,
+    )
     return "auto-recharge failed"
 
 
 def payment_requires_action(
-    organization_id: str, payment_intent_id: str, client_secret: str | None
+    organization_id: str,
+    payment_intent_id: str,
+    client_secret: str | None,
+    *,
+    attempt_id: str | None = None,
 ) -> str:
-    attempt = _attempt_for(organization_id, payment_intent_id, None)
-    if attempt is None or attempt.status not in ("processing", "requires_action"):
+    attempt = _attempt_for(organization_id, payment_intent_id, attempt_id)
+    if attempt is None or attempt.status not in (*IN_FLIGHT, AttemptStatus.requires_action):
         return "ignored"
-    AutoRechargeRequest.update(
-        status="requires_action", client_secret=client_secret, updated_at=utcnow()
-    ).where(AutoRechargeRequest.id == attempt.id).execute()
+    _settle(
+        (AutoRechargeRequest.id == attempt.id)
+        & AutoRechargeRequest.status.in_((*IN_FLIGHT, AttemptStatus.requires_action)),
+        attempt,
+        AttemptStatus.requires_action,
+        stripe_payment_intent_id=payment_intent_id,
+        client_secret=client_secret,
+    )
     return "auto-recharge requires action"
 
 
 def remember_payment_method(organization_id: str, payment_method_id: str) -> None:
-    """A successful payment's card becomes the one auto-recharge uses, if none is saved."""
-    BillingAccount.update(stripe_payment_method_id=payment_method_id).where(
-        (BillingAccount.organization == organization_id)
-        & (BillingAccount.stripe_payment_method_id.is_null())
-    ).execute()
+    """A successful payment's card becomes the one auto-recharge uses, if none is saved or
+    the saved one has been failing; a new card re-evaluates auto-recharge at once."""
+    changed = (
+        BillingAccount.update(stripe_payment_method_id=payment_method_id)
+        .where(
+            (BillingAccount.organization == organization_id)
+            & (
+                BillingAccount.stripe_payment_method_id.is_null()
+                | (
+                    (BillingAccount.auto_recharge_failure_count > 0)
+                    & (BillingAccount.stripe_payment_method_id != payment_method_id)
+                )
+            )
+        )
+        .execute()
+    )
+    if changed:
+        recharge_policy.reconsider(organization_id)
 
 
 def pending_action(organization_id: str) -> RequiresAction | None:
@@ -216,7 +353,7 @@ def pending_action(organization_id: str) -> RequiresAction | None:
         AutoRechargeRequest.select()
         .where(
             (AutoRechargeRequest.organization == organization_id)
-            & (AutoRechargeRequest.status == "requires_action")
+            & (AutoRechargeRequest.status == AttemptStatus.requires_action)
         )
         .order_by(AutoRechargeRequest.updated_at.desc())
         .first()
@@ -236,7 +373,7 @@ def run_worker(
     while not stop.is_set():
         try:
             with connection():
-                drain(gateway, settings)
+                drain(gateway, settings, stop=stop)
         except Exception:  # keep the loop alive; the error is logged with its type
             log.exception("auto-recharge drain failed")
         stop.wait(poll_seconds)

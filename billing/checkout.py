@@ -1,8 +1,10 @@
 """Checkout, top-up and portal sessions, and completing a local checkout.
 
-Customers: created on first need, under the account lock, with a Stripe idempotency key derived
-from the organization, so concurrent first calls create one customer. Nothing is written when
-Stripe fails: the session row is stored only after Stripe answered.
+Customers: created on first need with a Stripe idempotency key derived from the organization,
+so concurrent first calls (and a retry after a crash between Stripe's answer and our write)
+get one customer. Stripe is called with no transaction or lock held: a hanging Stripe stalls
+only that request, never the organization's debits. Nothing is written when Stripe fails: the
+session row is stored only after Stripe answered.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from billing import ledger
+from billing import ledger, recharge_policy
 from billing.accounts import get_account, lock_account
 from billing.config import Settings
 from billing.errors import InvalidRequest, NotFound
@@ -18,23 +20,26 @@ from billing.plans import PLANS
 from billing.stripe_gateway import BillingGateway, SessionInfo
 from billing.subscriptions import SubscriptionState, apply_subscription_state, grant_welcome_credit
 from billing.units import CENT, TOP_UP_MAX, TOP_UP_MIN
-from models import CheckoutSession, utcnow, write_transaction
+from models import BillingAccount, CheckoutSession, utcnow, write_transaction
 
 LOCAL_PAYMENT_METHOD = "pm_local_card"
 
 
 def ensure_customer(organization_id: str, gateway: BillingGateway) -> str:
+    """The organization's Stripe customer: read, else create (no lock held) and record.
+
+    The record is first-writer-wins (a conditional update), so of two concurrent creators
+    both return the stored id; with Stripe's idempotency key both got the same one anyway.
+    """
     account = get_account(organization_id)
     if account.stripe_customer_id:
         return account.stripe_customer_id
-    with write_transaction():
-        account = lock_account(organization_id)
-        if account.stripe_customer_id is None:
-            account.stripe_customer_id = gateway.create_customer(
-                organization_id, account.billing_email
-            )
-            account.save(only=[type(account).stripe_customer_id])
-        return account.stripe_customer_id
+    customer_id = gateway.create_customer(organization_id, account.billing_email)
+    BillingAccount.update(stripe_customer_id=customer_id).where(
+        (BillingAccount.organization == organization_id)
+        & BillingAccount.stripe_customer_id.is_null()
+    ).execute()
+    return str(get_account(organization_id).stripe_customer_id)
 
 
 def _record(
@@ -131,7 +136,8 @@ def complete_local_checkout(organization_id: str) -> CheckoutSession:
         if session is None:
             raise NotFound("no open local checkout for this organization")
         account = lock_account(organization_id)
-        if not account.stripe_payment_method_id:
+        new_payment_method = not account.stripe_payment_method_id
+        if new_payment_method:
             account.stripe_payment_method_id = LOCAL_PAYMENT_METHOD
             account.save(only=[type(account).stripe_payment_method_id])
         if session.kind == "subscription":
@@ -155,4 +161,6 @@ def complete_local_checkout(organization_id: str) -> CheckoutSession:
         session.status = "completed"
         session.completed_at = utcnow()
         session.save()
-        return session
+    if new_payment_method:  # a card to charge now: auto-recharge may be due
+        recharge_policy.reconsider(organization_id)
+    return session

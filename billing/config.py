@@ -56,6 +56,20 @@ class Settings(BaseSettings):
     payment_grace_period_days: int = Field(default=7, ge=0, le=60)
     auto_recharge_cooldown_seconds: int = Field(default=600, ge=0, le=86_400)
     auto_recharge_max_failures: int = Field(default=3, ge=1, le=20)
+    auto_recharge_lease_seconds: int = Field(
+        default=120,
+        ge=1,
+        le=3600,
+        description="How long a worker's claim on an auto-recharge request lasts.",
+    )
+    auto_recharge_max_attempts: int = Field(
+        default=8, ge=1, le=50, description="Charge attempts (retries after outages included)."
+    )
+    auto_recharge_retry_base_seconds: float = Field(default=30.0, ge=0, le=3600)
+    auto_recharge_retry_max_seconds: float = Field(default=3600.0, ge=0, le=86_400)
+    idempotency_lease_seconds: int = Field(
+        default=120, ge=1, le=3600, description="How long an in-progress Idempotency-Key holds."
+    )
     auto_recharge_in_process: bool = Field(
         default=True, description="In local billing mode, drain the outbox inside the app."
     )
@@ -68,8 +82,15 @@ class Settings(BaseSettings):
     rate_limit_principal: str = "600/minute"
     rate_limit_ip: str = "1200/minute"
     rate_limit_webhook: str = "6000/minute"
+    trusted_proxy_count: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="Proxies in front of the app: the client is this many X-Forwarded-For "
+        "entries from the right (0 = ignore the header).",
+    )
     trust_forwarded_for: bool = Field(
-        default=False, description="Take the client IP from X-Forwarded-For (behind a proxy)."
+        default=False, description="Deprecated: TRUSTED_PROXY_COUNT=1 is its safe equivalent."
     )
 
     response_validation: bool = False
@@ -93,6 +114,14 @@ class Settings(BaseSettings):
                 parse_limit(getattr(self, name))
             except ValueError:
                 raise ValueError(f"{name.upper()} must look like 600/minute") from None
+        if self.trust_forwarded_for and self.trusted_proxy_count == 0:
+            # The old switch trusted the leftmost (client-written) entry; keep its intent,
+            # one proxy, without the bypass.
+            self.trusted_proxy_count = 1
+        if self.auto_recharge_retry_max_seconds < self.auto_recharge_retry_base_seconds:
+            raise ValueError(
+                "AUTO_RECHARGE_RETRY_MAX_SECONDS must be >= AUTO_RECHARGE_RETRY_BASE_SECONDS"
+            )
         if self.stripe_secret_key is not None:
             if self.stripe_webhook_secret is None:
                 raise ValueError("STRIPE_WEBHOOK_SECRET is required with STRIPE_SECRET_KEY")

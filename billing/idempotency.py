@@ -4,10 +4,21 @@ A key is claimed by inserting its row before the work runs (unique on scope + ke
 concurrent requests with one key cannot both do the work: the loser sees the claim and gets a
 409 while the first is in progress, or the stored response once it finished. The same key with
 a different request is a 409. When the work fails, the claim is dropped so the client may retry.
+
+The claim is a lease (`IDEMPOTENCY_LEASE_SECONDS`): if the process serving it dies, the row
+stays without a response, and the next request with the same key and body takes it over once
+the lease has expired, instead of answering "in progress" forever. The work itself is
+idempotent below this layer (ledger references, Stripe idempotency keys derived from the key),
+so a takeover of a claim whose first owner did in fact finish does not apply twice.
+
+Scopes are stored as a SHA-256 digest: a scope names caller-supplied parts (path ids, a
+token's subject of up to 255 characters), so its raw form has no useful bound; the digest
+always fits the column, on PostgreSQL as on SQLite.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Callable
@@ -15,8 +26,9 @@ from typing import Any
 
 import peewee
 
+from billing.config import get_settings
 from billing.errors import Conflict
-from models import IdempotencyRecord, database
+from models import IdempotencyRecord, database, utcnow
 
 
 def fingerprint(request: Any) -> str:
@@ -24,7 +36,17 @@ def fingerprint(request: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _existing(scope: str, key: str, digest: str) -> dict[str, Any]:
+def scope_digest(scope: str) -> str:
+    """The fixed-length (64 hex characters) form a scope is stored in."""
+    return hashlib.sha256(scope.encode()).hexdigest()
+
+
+def _lease_end() -> dt.datetime:
+    return utcnow() + dt.timedelta(seconds=get_settings().idempotency_lease_seconds)
+
+
+def _existing_or_takeover(scope: str, key: str, digest: str) -> dict[str, Any] | int:
+    """The stored response, or the id of the abandoned claim this request now owns."""
     record = IdempotencyRecord.get_or_none(
         (IdempotencyRecord.scope == scope) & (IdempotencyRecord.idempotency_key == key)
     )
@@ -32,9 +54,29 @@ def _existing(scope: str, key: str, digest: str) -> dict[str, Any]:
         raise Conflict("a request with this Idempotency-Key is in progress; retry")
     if record.fingerprint != digest:
         raise Conflict("this Idempotency-Key was used with a different request")
-    if record.response_body is None:
+    if record.response_body is not None:
+        return json.loads(record.response_body)
+    now = utcnow()
+    if record.lease_expires_at is not None and record.lease_expires_at > now:
         raise Conflict("a request with this Idempotency-Key is in progress; retry")
-    return json.loads(record.response_body)
+    # The owner's lease ran out (it died, or is far past any deadline): take the claim over,
+    # compare-and-set on the old lease so that of two takers only one wins.
+    taken = (
+        IdempotencyRecord.update(lease_expires_at=_lease_end())
+        .where(
+            (IdempotencyRecord.id == record.id)
+            & IdempotencyRecord.response_body.is_null()
+            & (
+                IdempotencyRecord.lease_expires_at.is_null()
+                if record.lease_expires_at is None
+                else IdempotencyRecord.lease_expires_at == record.lease_expires_at
+            )
+        )
+        .execute()
+    )
+    if not taken:
+        raise Conflict("a request with this Idempotency-Key is in progress; retry")
+    return int(record.id)
 
 
 def run_once(
@@ -44,17 +86,30 @@ def run_once(
     if key is None:
         return work()
     digest = fingerprint(request)
+    stored_scope = scope_digest(scope)
     try:
         with database.atomic():
-            record = IdempotencyRecord.create(scope=scope, idempotency_key=key, fingerprint=digest)
+            record_id = IdempotencyRecord.create(
+                scope=stored_scope,
+                idempotency_key=key,
+                fingerprint=digest,
+                lease_expires_at=_lease_end(),
+            ).id
     except peewee.IntegrityError:
-        return _existing(scope, key, digest)
+        found = _existing_or_takeover(stored_scope, key, digest)
+        if isinstance(found, dict):
+            return found
+        record_id = found
     try:
         response = work()
     except BaseException:
-        IdempotencyRecord.delete().where(IdempotencyRecord.id == record.id).execute()
+        IdempotencyRecord.delete().where(
+            (IdempotencyRecord.id == record_id) & IdempotencyRecord.response_body.is_null()
+        ).execute()
         raise
-    IdempotencyRecord.update(status_code=200, response_body=json.dumps(response)).where(
-        IdempotencyRecord.id == record.id
+    IdempotencyRecord.update(
+        status_code=200, response_body=json.dumps(response), lease_expires_at=None
+    ).where(
+        (IdempotencyRecord.id == record_id) & IdempotencyRecord.response_body.is_null()
     ).execute()
     return response

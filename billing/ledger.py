@@ -23,17 +23,17 @@ from dataclasses import dataclass
 
 from peewee import fn
 
+from billing import recharge_policy
 from billing.accounts import lock_account
-from billing.config import get_settings
 from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
 from billing.metrics import LEDGER_ENTRIES, LEDGER_REFUSALS
 from billing.units import INT64_MAX
 from billing.usage import current_month
 from models import (
-    AutoRechargeRequest,
     BillingAccount,
     CreditEntry,
     Reservation,
+    after_rollback,
     utcnow,
     write_transaction,
 )
@@ -42,7 +42,6 @@ CREDIT_TYPES = frozenset({"adjustment", "recharge", "initial_grant", "top_up", "
 DEBIT_TYPES = frozenset({"charge", "refund", "dispute", "adjustment"})
 # Entries that count as spending against the usage cap.
 SPEND_TYPES = ("charge",)
-IN_FLIGHT_RECHARGE = ("pending", "processing")
 
 
 @dataclass(frozen=True)
@@ -137,6 +136,9 @@ def check_can_spend(account: BillingAccount, amount: int, overdraft: int) -> Non
     reason = _refusal(account, amount, overdraft)
     if reason is not None:
         LEDGER_REFUSALS.labels(reason[0]).inc()
+        if reason[0] == "insufficient_credits":
+            organization_id = account.organization_id
+            after_rollback(lambda: recharge_policy.after_refusal(organization_id))
         raise PaymentRequired(reason[1])
 
 
@@ -153,36 +155,6 @@ def _refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str,
     if available - amount < -overdraft:
         return "insufficient_credits", "not enough available credits"
     return None
-
-
-def _maybe_request_auto_recharge(account: BillingAccount) -> None:
-    """Enqueue one auto-recharge when available fell below the threshold.
-
-    At most one request is pending or processing per organization, and none is made within
-    the cooldown after the previous one, so a failing card is not hammered.
-    """
-    if not account.auto_recharge_enabled or account.auto_recharge_threshold is None:
-        return
-    if account.auto_recharge_amount is None:
-        return
-    if account.credits_balance - account.reserved_credits >= account.auto_recharge_threshold:
-        return
-    latest = (
-        AutoRechargeRequest.select(AutoRechargeRequest.status, AutoRechargeRequest.created_at)
-        .where(AutoRechargeRequest.organization == account.organization_id)
-        .order_by(AutoRechargeRequest.created_at.desc())
-        .first()
-    )
-    cooldown = dt.timedelta(seconds=get_settings().auto_recharge_cooldown_seconds)
-    in_flight = latest is not None and (
-        latest.status in IN_FLIGHT_RECHARGE or latest.created_at > utcnow() - cooldown
-    )
-    if not in_flight:
-        AutoRechargeRequest.create(
-            id=str(uuid.uuid4()),
-            organization=account.organization_id,
-            amount=account.auto_recharge_amount,
-        )
 
 
 def grant(
@@ -238,7 +210,7 @@ def debit_locked(
     """The debit itself, for callers already inside a write transaction holding the lock."""
     check_can_spend(account, amount, overdraft)
     entry = _append(account, entry_type, -amount, reason, reference_id, idempotency_ref)
-    _maybe_request_auto_recharge(account)
+    recharge_policy.request_if_due(account)
     return entry
 
 
@@ -329,7 +301,7 @@ def reserve(
             reference_id=reference_id,
         )
         _move_reserved(account, amount)
-        _maybe_request_auto_recharge(account)
+        recharge_policy.request_if_due(account)
         return _reservation_result(account, reservation, False)
 
 
@@ -386,7 +358,7 @@ def finalize_reservation(
         reservation.credit_entry = entry
         reservation.closed_at = utcnow()
         reservation.save()
-        _maybe_request_auto_recharge(account)
+        recharge_policy.request_if_due(account)
         return _reservation_result(account, reservation, False)
 
 

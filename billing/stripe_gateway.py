@@ -5,6 +5,9 @@ Every call has an explicit timeout, bounded retries (the library retries connect
 second customer, session or charge. A Stripe failure becomes `UpstreamUnavailable`, which
 callers let propagate before they write anything.
 
+No database connection is held while Stripe is called (`connection_released`): a hanging
+Stripe then costs waiting requests, never the pool every debit needs.
+
 `LocalGateway` is the embedded default (local billing mode): the same interface with no
 network, so the service runs with no Stripe account.
 """
@@ -12,6 +15,7 @@ network, so the service runs with no Stripe account.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 import uuid
@@ -23,8 +27,18 @@ import stripe
 from billing.config import Settings, get_settings
 from billing.errors import InvalidRequest, UpstreamUnavailable
 from billing.units import to_stripe_cents
+from models import connection_released
 
 TOLERANCE = 300  # seconds a webhook signature stays valid, Stripe's default
+STRIPE_KEY_MAX = 255  # Stripe refuses longer idempotency keys
+
+
+def bounded_key(key: str) -> str:
+    """An idempotency key Stripe accepts: keys built from a caller's (up to 255-character)
+    Idempotency-Key can be longer, so those are replaced by their digest (still stable)."""
+    if len(key) <= STRIPE_KEY_MAX:
+        return key
+    return f"{key.split(':', 1)[0]}:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -35,10 +49,15 @@ class SessionInfo:
 
 @dataclass(frozen=True)
 class ChargeOutcome:
+    """What an off-session charge came to. A transient failure (outage, timeout, 429) is not
+    an outcome: it raises `UpstreamUnavailable` and the caller retries with the same key."""
+
     status: Literal["succeeded", "requires_action", "failed"]
     payment_intent_id: str | None
     client_secret: str | None = None
     failure_reason: str | None = None
+    # "declined" (the card said no) or "permanent" (Stripe refused the request itself)
+    failure_kind: Literal["declined", "permanent"] | None = None
 
 
 class BillingGateway(Protocol):
@@ -107,9 +126,10 @@ class StripeGateway:
 
     @staticmethod
     def _call(fn: Any, params: dict[str, Any], idempotency_key: str | None = None) -> Any:
-        options = {"idempotency_key": idempotency_key} if idempotency_key else {}
+        options = {"idempotency_key": bounded_key(idempotency_key)} if idempotency_key else {}
         try:
-            return fn(params=params, options=options)
+            with connection_released():
+                return fn(params=params, options=options)
         except stripe.InvalidRequestError as exc:
             raise InvalidRequest(
                 f"the payment provider refused the request: {exc.user_message or exc.code}"
@@ -221,10 +241,11 @@ class StripeGateway:
             ),
         }
         try:
-            intent = self._client.v1.payment_intents.create(
-                params=params,  # type: ignore[arg-type]
-                options={"idempotency_key": f"auto-recharge:{attempt_id}"},
-            )
+            with connection_released():
+                intent = self._client.v1.payment_intents.create(
+                    params=params,  # type: ignore[arg-type]
+                    options={"idempotency_key": f"auto-recharge:{attempt_id}"},
+                )
         except stripe.CardError as exc:
             # Real Stripe answers an off-session 3-D Secure need with a card error whose
             # payment intent carries the client secret; a decline has the same shape.
@@ -233,14 +254,32 @@ class StripeGateway:
             if exc.code == "authentication_required" and failed_id:
                 secret = getattr(failed, "client_secret", None)
                 return ChargeOutcome("requires_action", failed_id, secret)
-            return ChargeOutcome("failed", failed_id, None, exc.code or "card_declined")
+            reason = exc.user_message or exc.code or "card_declined"
+            return ChargeOutcome(
+                "failed", failed_id, None, f"the card was declined: {reason}"[:500], "declined"
+            )
+        except stripe.InvalidRequestError as exc:
+            # 400/404: a detached card, a deleted customer, bad parameters. Retrying the same
+            # request gives the same answer, so it fails the attempt for good.
+            reason = exc.code or "invalid_request"
+            return ChargeOutcome(
+                "failed",
+                None,
+                None,
+                f"the saved payment method cannot be charged ({reason}); update it",
+                "permanent",
+            )
         except stripe.StripeError as exc:
+            # 5xx, 409, 429, timeouts, connection errors, and our own credential being refused
+            # (401/403, an operator's matter, not the customer's): retry later, same key.
             raise UpstreamUnavailable("the payment provider is unavailable") from exc
         if intent.status == "succeeded":
             return ChargeOutcome("succeeded", intent.id)
         if intent.status == "requires_action":
             return ChargeOutcome("requires_action", intent.id, intent.client_secret)
-        return ChargeOutcome("failed", intent.id, None, f"payment intent {intent.status}")
+        return ChargeOutcome(
+            "failed", intent.id, None, f"payment intent {intent.status}", "declined"
+        )
 
     def verify_event(self, payload: bytes, signature: str) -> dict[str, Any]:
         if self._webhook_secret is None:

@@ -209,14 +209,22 @@ def _payment_failed(event: dict[str, Any], intent: dict[str, Any], org: str) -> 
     if (intent.get("metadata") or {}).get("kind") != "auto_recharge":
         return "payment failure recorded"
     error = intent.get("last_payment_error") or {}
-    return auto_recharge.payment_failed(org, str(intent["id"]), str(error.get("code") or "failed"))
+    return auto_recharge.payment_failed(
+        org,
+        str(intent["id"]),
+        str(error.get("code") or "failed"),
+        attempt_id=(intent.get("metadata") or {}).get("attempt_id"),
+    )
 
 
 def _payment_requires_action(event: dict[str, Any], intent: dict[str, Any], org: str) -> str:
     if (intent.get("metadata") or {}).get("kind") != "auto_recharge":
         return "ignored"
     return auto_recharge.payment_requires_action(
-        org, str(intent["id"]), intent.get("client_secret")
+        org,
+        str(intent["id"]),
+        intent.get("client_secret"),
+        attempt_id=(intent.get("metadata") or {}).get("attempt_id"),
     )
 
 

@@ -21,7 +21,11 @@ from billing import auto_recharge
 from billing.config import Settings, get_settings
 from billing.stripe_gateway import get_gateway
 from handlers import observability
-from handlers.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from handlers.middleware import (
+    BodySizeLimitMiddleware,
+    JsonContentTypeMiddleware,
+    RequestIdMiddleware,
+)
 from handlers.observability import AccessLogMiddleware
 from handlers.problems import ERROR_HANDLERS, http_exception_handler
 from handlers.ratelimit import RateLimitMiddleware
@@ -124,6 +128,7 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
     app.add_middleware(
         BodySizeLimitMiddleware, position=before_exceptions, max_bytes=settings.max_body_bytes
     )
+    app.add_middleware(JsonContentTypeMiddleware, position=before_exceptions)
     app.add_url_rule("/healthz", "healthz", observability.healthz, methods=["GET"])
     app.add_url_rule("/readyz", "readyz", observability.readyz, methods=["GET"])
     app.add_url_rule("/metrics", "metrics", observability.metrics, methods=["GET"])

@@ -77,3 +77,35 @@ class BodySizeLimitMiddleware:
 
 class BodyTooLarge(Exception):
     pass
+
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class JsonContentTypeMiddleware:
+    """A request that carries a body must say it is JSON (`application/json` or `*+json`).
+
+    Without a Content-Type, Connexion hands the raw bytes to the handler, which then fails
+    with a 500; every body this API takes is JSON, so the request is refused up front (415,
+    answered as the contract's 400 problem).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in BODY_METHODS and _has_body(scope):
+            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            media_type = content_type.split(";", 1)[0].strip().lower()
+            if not (media_type == "application/json" or media_type.endswith("+json")):
+                await send_problem(send, 415, "a request body needs Content-Type: application/json")
+                return
+        await self.app(scope, receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    headers = dict(scope["headers"])
+    length = headers.get(b"content-length")
+    if length is not None:
+        return length.strip() not in (b"", b"0")
+    return b"transfer-encoding" in headers

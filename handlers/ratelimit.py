@@ -1,11 +1,17 @@
 """Rate limits per principal and per client IP, answered with a 429 problem.
 
 Built on `limits` (fixed windows): shared across workers and instances when REDIS_URL is set,
-in-memory per worker otherwise. The principal is a hash of the presented credential, so limits
-apply before (and whether or not) it verifies; the per-IP limit bounds anyone cycling
-credentials. The webhook endpoint has its own, higher per-IP limit. If the limiter's storage is
-down the request is let through and the error is logged: rate limiting must not take billing
-down with it.
+in-memory per worker otherwise. The principal is who the credential verifiably is: a bearer
+caller by its token's subject (however the header is spelled: `Bearer`, `bearer`, extra
+spaces; a fresh token for the same user shares the budget), the service by its credential. A
+credential that does not verify is counted against the client address, so cycling garbage
+tokens buys nothing; the per-IP limit bounds everyone.
+
+The client address is the connection's peer, or, behind `TRUSTED_PROXY_COUNT` proxies, the
+entry that many places from the right of X-Forwarded-For: entries to its left were written by
+the client and are not trusted. The webhook endpoint has its own, higher per-IP limit. If the
+limiter's storage is down the request is let through and the error is logged: rate limiting
+must not take billing down with it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from billing.auth import verify_service_token, verify_user_token
 from billing.config import Settings
+from billing.errors import Unauthenticated
 from handlers.problems import send_problem
 
 log = logging.getLogger("billing.ratelimit")
@@ -37,25 +45,52 @@ class RateLimitMiddleware:
         self.principal_limit = parse(settings.rate_limit_principal)
         self.ip_limit = parse(settings.rate_limit_ip)
         self.webhook_limit = parse(settings.rate_limit_webhook)
-        self.trust_forwarded_for = settings.trust_forwarded_for
+        self.trusted_proxy_count = settings.trusted_proxy_count
+        self.settings = settings
 
-    def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str:
-        forwarded = headers.get(b"x-forwarded-for")
-        if self.trust_forwarded_for and forwarded:
-            return forwarded.decode("latin-1").split(",")[0].strip()
+    def _client_ip(self, scope: Scope) -> str:
         client = scope.get("client")
-        return client[0] if client else "unknown"
+        peer = client[0] if client else "unknown"
+        if not self.trusted_proxy_count:
+            return peer
+        # Several X-Forwarded-For lines are one list, in order.
+        entries = [
+            entry.strip()
+            for name, value in scope["headers"]
+            if name == b"x-forwarded-for"
+            for entry in value.decode("latin-1").split(",")
+        ]
+        if len(entries) < self.trusted_proxy_count:
+            return peer  # it did not come through every proxy: only the peer is known
+        return entries[-self.trusted_proxy_count] or peer
+
+    def _principal(self, headers: dict[bytes, bytes], ip: str) -> str | None:
+        """`user:<subject>`, `service`, `unverified:<ip>`, or None without a credential."""
+        authorization = headers.get(b"authorization")
+        service = headers.get(b"x-service-token")
+        try:
+            if authorization is not None:
+                parts = authorization.decode("latin-1").split(None, 1)
+                if len(parts) != 2 or parts[0].lower() != "bearer":
+                    raise Unauthenticated("not a bearer credential")
+                user = verify_user_token(parts[1].strip(), self.settings)
+                return "user:" + hashlib.sha256(user.user_id.encode()).hexdigest()[:32]
+            if service is not None:
+                verify_service_token(service.decode("latin-1"), self.settings)
+                return "service"
+        except (Unauthenticated, UnicodeDecodeError, ValueError):
+            return f"unverified:{ip}"
+        return None
 
     def _checks(self, scope: Scope) -> list[tuple[RateLimitItem, str]]:
         headers = dict(scope["headers"])
-        ip = self._client_ip(scope, headers)
+        ip = self._client_ip(scope)
         if scope["path"] == WEBHOOK_PATH:
             return [(self.webhook_limit, f"webhook:{ip}")]
         checks = [(self.ip_limit, f"ip:{ip}")]
-        credential = headers.get(b"authorization") or headers.get(b"x-service-token")
-        if credential:
-            digest = hashlib.sha256(credential).hexdigest()[:32]
-            checks.append((self.principal_limit, f"principal:{digest}"))
+        principal = self._principal(headers, ip)
+        if principal is not None:
+            checks.append((self.principal_limit, f"principal:{principal}"))
         return checks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,8 +1,10 @@
 """Peewee models, the database binding and the migration runner."""
 
 from models.db import (
+    after_rollback,
     connect_database,
     connection,
+    connection_released,
     database,
     is_postgres,
     locked,
@@ -37,8 +39,10 @@ __all__ = [
     "Reservation",
     "UsageRecord",
     "WebhookEvent",
+    "after_rollback",
     "connect_database",
     "connection",
+    "connection_released",
     "database",
     "is_postgres",
     "locked",

@@ -10,8 +10,10 @@ writers queue instead of failing or losing updates.
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -90,9 +92,49 @@ def locked(query: SelectT, **options: bool) -> SelectT:
     return query.for_update(**options) if is_postgres() else query
 
 
+_rollback_hooks: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
+    "rollback_hooks", default=None
+)
+log = logging.getLogger("models.db")
+
+
+def after_rollback(hook: Callable[[], None]) -> None:
+    """Run `hook` once the outermost `write_transaction` has rolled back, outside it.
+
+    For work a refusal must cause although the refusal undoes its transaction (a debit
+    refused for lack of credit still requests an auto-recharge, in a short transaction of
+    its own). Outside a write transaction there is nothing to roll back: it runs at once.
+    """
+    hooks = _rollback_hooks.get()
+    if hooks is None:
+        hook()
+    else:
+        hooks.append(hook)
+
+
 @contextmanager
 def write_transaction() -> Iterator[None]:
     """A transaction that may move money: serialized on SQLite, row-locked by callers on PG."""
+    outermost = _rollback_hooks.get() is None
+    token = _rollback_hooks.set([]) if outermost else None
+    try:
+        with _atomic():
+            yield
+    except BaseException:
+        if token is not None:
+            hooks = _rollback_hooks.get() or []
+            _rollback_hooks.reset(token)
+            token = None
+            for hook in hooks:
+                hook()
+        raise
+    finally:
+        if token is not None:
+            _rollback_hooks.reset(token)
+
+
+@contextmanager
+def _atomic() -> Iterator[None]:
     db = database.obj
     if isinstance(db, peewee.SqliteDatabase) and not db.in_transaction():
         with db.atomic(lock_type="IMMEDIATE"):
@@ -122,3 +164,27 @@ def connection() -> Iterator[None]:
             db.close()
     else:
         yield
+
+
+@contextmanager
+def connection_released() -> Iterator[None]:
+    """Give this thread's pooled connection back while it waits on the network (a Stripe
+    call), then take one again: requests stuck on a hanging Stripe must not hold every
+    connection of the pool and starve the debits of every organization.
+
+    Only between transactions (inside one, the connection holds its state and locks); a no-op
+    on SQLite, whose connections are per thread and not pooled.
+    """
+    db = database.obj
+    if not isinstance(db, PooledPostgresqlDatabase) or db.is_closed() or db.in_transaction():
+        yield
+        return
+    # close() forgets the open connection contexts (peewee keeps them per connection state);
+    # they are put back so that their exits still find them.
+    contexts = list(db._state.ctx)
+    db.close()
+    try:
+        yield
+    finally:
+        db.connect(reuse_if_open=True)
+        db._state.ctx.extend(contexts)

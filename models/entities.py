@@ -71,6 +71,11 @@ class BillingAccount(BaseModel):
     subscription_state_at = peewee.BigIntegerField(null=True)
     welcome_credit_granted_at = peewee.DateTimeField(null=True)
     auto_recharge_disabled_reason = peewee.CharField(max_length=500, null=True)
+    # The enqueue decision reads only these (no outbox query per debit): the attempt in
+    # flight, when the last one was requested (cooldown), and consecutive counted failures.
+    auto_recharge_in_flight_id = peewee.CharField(max_length=36, null=True)
+    auto_recharge_last_requested_at = peewee.DateTimeField(null=True)
+    auto_recharge_failure_count = peewee.IntegerField(default=0)
 
     class Meta:
         table_name = "billing_accounts"
@@ -155,6 +160,10 @@ class AutoRechargeRequest(BaseModel):
     created_at = peewee.DateTimeField(default=utcnow)
     updated_at = peewee.DateTimeField(default=utcnow)
     completed_at = peewee.DateTimeField(null=True)
+    # Due time (the queue's order) and the claim's lease: an expired lease is claimable again.
+    next_attempt_at = peewee.DateTimeField(default=utcnow)
+    lease_expires_at = peewee.DateTimeField(null=True)
+    failure_kind = peewee.CharField(max_length=16, null=True)
 
     class Meta:
         table_name = "auto_recharge_requests"
@@ -168,6 +177,7 @@ class IdempotencyRecord(BaseModel):
     status_code = peewee.IntegerField(null=True)
     response_body = peewee.TextField(null=True)
     created_at = peewee.DateTimeField(default=utcnow)
+    lease_expires_at = peewee.DateTimeField(null=True)  # an in-progress claim's lease
 
     class Meta:
         table_name = "idempotency_records"

@@ -3,7 +3,10 @@
     python -m scripts.worker            # loop, polling every WORKER_POLL_SECONDS (default 2)
     python -m scripts.worker --once     # drain what is pending and exit
 
-Several workers may run at once: on PostgreSQL each claims requests with SKIP LOCKED.
+Several workers may run at once: on PostgreSQL each claims requests with SKIP LOCKED. A claim
+is a lease: a worker killed mid-charge leaves its request to be taken over once the lease
+expires. SIGTERM (or Ctrl-C) lets the charge in hand finish, then the worker exits; nothing
+new is claimed after the signal.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from billing.auto_recharge import drain
 from billing.config import get_settings
 from billing.stripe_gateway import get_gateway
 from billing.units import DOLLAR
-from models import AutoRechargeRequest, BillingAccount, CreditEntry, database
+from models import AutoRechargeRequest, BillingAccount, CreditEntry, database, utcnow
 from tests.ledger_checks import assert_ledger_invariants
 from tests.stripe_fakes import API_KEY, event_body, signature_for, stripe_object
 
@@ -55,6 +55,9 @@ def rearm(org_id: str) -> None:
     for request in AutoRechargeRequest.select():
         request.created_at -= dt.timedelta(hours=1)
         request.save()
+    BillingAccount.update(auto_recharge_last_requested_at=utcnow() - dt.timedelta(hours=1)).where(
+        BillingAccount.organization == org_id
+    ).execute()
     ledger.debit(org_id, 1)
 
 
@@ -186,7 +189,10 @@ def test_provider_outage_requeues(org, conn_stripe):
     conn_stripe.fail_with = 500
     assert drain(get_gateway(), get_settings(), limit=1) == 1
     assert AutoRechargeRequest.get().status == "pending"
+    assert AutoRechargeRequest.get().next_attempt_at > AutoRechargeRequest.get().created_at
+    assert drain(get_gateway(), get_settings()) == 0  # backing off: not due yet
     conn_stripe.fail_with = None
+    AutoRechargeRequest.update(next_attempt_at=AutoRechargeRequest.created_at).execute()
     drain(get_gateway(), get_settings())
     assert AutoRechargeRequest.get().status == "succeeded"
     assert BillingAccount.get_by_id(org.id).credits_balance == 24 * DOLLAR

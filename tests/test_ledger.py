@@ -199,7 +199,7 @@ def test_crossing_threshold_enqueues_one_auto_recharge(org):
     assert requests[0].amount == 100_000 and requests[0].status == "pending"
 
 
-def test_failed_debit_enqueues_nothing(org):
+def test_refused_debit_writes_nothing_but_requests_one_recharge(org):
     accounts.update_settings(
         org.id,
         {
@@ -210,7 +210,12 @@ def test_failed_debit_enqueues_nothing(org):
     )
     with pytest.raises(PaymentRequired):
         ledger.debit(org.id, 10)
-    assert AutoRechargeRequest.select().count() == 0
+    # The refusal rolled back (no entry); lack of credit still asks for one recharge.
+    assert CreditEntry.select().count() == 0
+    assert AutoRechargeRequest.select().count() == 1
+    with pytest.raises(PaymentRequired):
+        ledger.debit(org.id, 10)
+    assert AutoRechargeRequest.select().count() == 1  # one in flight at most
 
 
 def test_take_back_reverses_at_most_what_remains(org):

@@ -75,7 +75,11 @@ def test_portal_reuses_the_customer(client, org, stripe_mode):
     assert len(sent) == 2 and sent[0]["return_url"] == "https://app.example.com/billing"
 
 
-def test_concurrent_first_calls_create_one_customer(client, org, stripe_mode):
+def test_concurrent_first_calls_use_one_customer(client, org, stripe_mode):
+    """No lock is held around Stripe, so concurrent first calls may each ask for the customer;
+    they all send the organization's idempotency key (Stripe answers one customer), and the
+    first recorded id is the one every session uses."""
+
     def start(_):
         return client.post(
             f"/v1/billing/{org.id}/top-up",
@@ -86,8 +90,19 @@ def test_concurrent_first_calls_create_one_customer(client, org, stripe_mode):
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(start, range(8)))
     assert statuses == [200] * 8
-    assert len(stripe_mode.sent("POST", "/v1/customers")) == 1
-    assert len(stripe_mode.sent("POST", "/v1/checkout/sessions")) == 8
+    customer_keys = {
+        key
+        for (method, path, _), key in zip(
+            stripe_mode.requests, stripe_mode.idempotency_keys, strict=True
+        )
+        if (method, path) == ("POST", "/v1/customers")
+    }
+    assert customer_keys == {f"customer:{org.id}"}
+    sessions = stripe_mode.sent("POST", "/v1/checkout/sessions")
+    assert len(sessions) == 8
+    with database.connection_context():
+        recorded = BillingAccount.get_by_id(org.id).stripe_customer_id
+    assert {s["customer"] for s in sessions} == {recorded}
 
 
 def test_stripe_outage_is_a_clear_problem_and_writes_nothing(client, org, stripe_mode):
