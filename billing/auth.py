@@ -58,12 +58,31 @@ def verify_user_token(token: str, settings: Settings) -> User:
             leeway=30,
         )
     except jwt.PyJWTError as exc:
-        raise Unauthenticated(f"invalid bearer token: {type(exc).__name__}") from None
+        raise Unauthenticated(f"invalid bearer token: {_token_fault(exc)}") from None
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > 255:
         raise Unauthenticated("invalid bearer token: bad subject")
     email = claims.get("email")
     return User(user_id=sub, email=email if isinstance(email, str) else None)
+
+
+def _token_fault(exc: jwt.PyJWTError) -> str:
+    """What is wrong with a token, in words (never the library's class names)."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "it has expired"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "it is not valid yet"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "wrong audience"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "wrong issuer"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"the {exc.claim} claim is missing"
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return "the signing algorithm is not accepted"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "the signature does not verify"
+    return "it is malformed"
 
 
 def verify_service_token(token: str, settings: Settings) -> Service:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from billing.history import HistoryPage
+from billing.history import HistoryPage, wire_reason, wire_type
 from billing.ledger import ReservationResult
 from billing.metering import RecordedUsage
 from billing.plans import is_subscribed
@@ -59,10 +59,11 @@ def credit_balance(account: BillingAccount) -> dict[str, Any]:
 
 def credit_entry(entry: CreditEntry) -> dict[str, Any]:
     return {
-        "id": str(entry.id),
-        "entryType": entry.entry_type,
+        "id": entry.public_id,
+        "entryType": wire_type(entry.entry_type).value,
+        "kind": entry.entry_type,
         "amountDecimillicents": entry.amount,
-        "reason": entry.reason,
+        "reason": wire_reason(entry.entry_type, entry.reason),
         "referenceId": entry.reference_id,
         "balanceAfter": entry.balance_after,
         "createdAt": iso(entry.created_at),

@@ -7,6 +7,7 @@ match them (a test compares the two on both databases).
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 import peewee
 
@@ -95,6 +96,8 @@ class CreditEntry(BaseModel):
     idempotency_ref = peewee.CharField(max_length=300, null=True, unique=True)
     balance_after = peewee.BigIntegerField()
     created_at = peewee.DateTimeField(default=utcnow)
+    # The entry's id on the wire (a UUID); `id` stays the commit order that history pages by.
+    public_id = peewee.CharField(max_length=36, unique=True, default=lambda: str(uuid.uuid4()))
 
     class Meta:
         table_name = "credit_entries"
