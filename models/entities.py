@@ -78,6 +78,8 @@ class BillingAccount(BaseModel):
     subscription_state_at = peewee.BigIntegerField(null=True)
     welcome_credit_granted_at = peewee.DateTimeField(null=True)
     auto_recharge_disabled_reason = peewee.CharField(max_length=500, null=True)
+    # Why an operator suspended the organization (with `suspended_at`, the operator's hold).
+    suspension_reason = peewee.CharField(max_length=500, null=True)
 
     class Meta:
         table_name = "billing_accounts"
@@ -217,6 +219,23 @@ class WebhookEvent(BaseModel):
         table_name = "webhook_events"
 
 
+class OperatorAction(BaseModel):
+    """What an operator did to an organization, and why: the trail behind suspensions and
+    credit adjustments (the ledger entry itself is linked for adjustments)."""
+
+    id = peewee.AutoField()
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
+    action = peewee.CharField(max_length=32)
+    reason = peewee.CharField(max_length=500)
+    amount = peewee.BigIntegerField(null=True)
+    credit_entry = peewee.ForeignKeyField(CreditEntry, null=True, column_name="credit_entry_id")
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "operator_actions"
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     Organization,
     Membership,
@@ -229,4 +248,5 @@ ALL_MODELS: list[type[BaseModel]] = [
     IdempotencyRecord,
     CheckoutSession,
     WebhookEvent,
+    OperatorAction,
 ]

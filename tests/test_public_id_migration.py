@@ -18,7 +18,7 @@ from models.db import make_database
 from models.migrate import _statements, available_migrations
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-TARGET = "0006_credit_entry_public_id"
+TARGET = "0006_public_ids_and_operators"
 ROWS = 300
 
 

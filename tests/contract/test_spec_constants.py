@@ -59,8 +59,9 @@ def test_plan_prices_equal_the_codes():
             "welcomeCreditDecimillicents": plan.welcome_credit,
         }
         dollars = plan.monthly_price // 10_000_000
-        assert f"{slug}: ${dollars} a month, ${dollars} welcome credit" in (
-            SCHEMAS["SubscriptionPlan"]["description"]
+        assert (
+            f"{slug}: ${dollars} a month, ${dollars} welcome credit"
+            in (SCHEMAS["SubscriptionPlan"]["description"])
         )
 
 
