@@ -196,7 +196,7 @@ def test_concurrent_adjustments_with_one_key_apply_once(org):
                         org.id, amount=DOLLAR, reason="goodwill", idempotency_key="race-1"
                     ).entry.id
                 )
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:
                 errors.append(exc)
 
     pool = [threading.Thread(target=worker) for _ in range(threads)]
