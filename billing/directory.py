@@ -7,6 +7,7 @@ id; the organization and user id of a membership).
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -15,6 +16,27 @@ from billing.errors import InvalidRequest, NotFound
 from models import BillingAccount, Membership, Organization, database
 
 MAX_NAME = 200
+# Names and reasons: one line of text, not blank, no control characters (PostgreSQL refuses
+# NUL). The contract states the same pattern.
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+_TEXT = re.compile(TEXT_PATTERN)
+
+
+def clean_text(name: str, value: object, max_length: int) -> str:
+    """A one-line text field, stripped; InvalidRequest when it breaks the contract's rule."""
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= max_length
+        or not _TEXT.fullmatch(value)
+    ):
+        raise InvalidRequest(
+            f"{name} must be 1 to {max_length} characters of one-line text, not blank"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{name} is not valid Unicode text") from None
+    return value.strip()
 
 
 @dataclass(frozen=True)
@@ -41,9 +63,7 @@ def _existing(organization_id: str) -> Organization:
 def put_organization(organization_id: str, name: str) -> Organization:
     """Create the organization (and its empty billing account) or rename it."""
     org_id = canonical_id(organization_id)
-    name = name.strip() if isinstance(name, str) else ""
-    if not 1 <= len(name) <= MAX_NAME:
-        raise InvalidRequest(f"name must be 1 to {MAX_NAME} characters")
+    name = clean_text("name", name, MAX_NAME)
     with database.atomic():
         Organization.insert(id=org_id, name=name).on_conflict(
             conflict_target=[Organization.id], update={Organization.name: name}

@@ -17,8 +17,9 @@ from enum import StrEnum
 from billing import ledger
 from billing.accounts import lock_account
 from billing.audit import ledger_problems
+from billing.directory import clean_text
 from billing.errors import Conflict, InvalidRequest, NotFound
-from billing.units import INT64_MAX
+from billing.units import ADJUSTMENT_MAX
 from models import (
     BillingAccount,
     CreditEntry,
@@ -55,10 +56,7 @@ class Audit:
 
 
 def _reason(reason: str) -> str:
-    text = reason.strip() if isinstance(reason, str) else ""
-    if not 1 <= len(text) <= MAX_REASON:
-        raise InvalidRequest(f"reason must be 1 to {MAX_REASON} characters")
-    return text
+    return clean_text("reason", reason, MAX_REASON)
 
 
 def adjustment_ref(organization_id: str, idempotency_key: str) -> str:
@@ -72,8 +70,10 @@ def adjust_credits(
     reason = _reason(reason)
     if isinstance(amount, bool) or not isinstance(amount, int) or amount == 0:
         raise InvalidRequest("amountDecimillicents must be a non-zero integer")
-    if not -INT64_MAX <= amount <= INT64_MAX:
-        raise InvalidRequest("amountDecimillicents is out of range")
+    if not -ADJUSTMENT_MAX <= amount <= ADJUSTMENT_MAX:
+        raise InvalidRequest(
+            f"amountDecimillicents must be from -{ADJUSTMENT_MAX} to {ADJUSTMENT_MAX}"
+        )
     if not idempotency_key:
         raise InvalidRequest("an Idempotency-Key is required for a credit adjustment")
     ref = adjustment_ref(organization_id, idempotency_key)

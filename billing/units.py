@@ -16,6 +16,8 @@ AUTO_RECHARGE_AMOUNT_MAX = 500 * DOLLAR
 # so a request the contract accepts can always be charged.
 USAGE_QUANTITY_MAX = 1_000_000_000
 USAGE_UNIT_COST_MAX = 9 * 10**9
+# An operator's credit adjustment, either way: $1,000,000 at most, far from overflowing a balance.
+ADJUSTMENT_MAX = 1_000_000 * DOLLAR
 
 
 def to_stripe_cents(decimillicents: int) -> int:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from billing import auto_recharge
 from billing.config import Settings, get_settings
 from billing.stripe_gateway import get_gateway
-from handlers import observability
+from handlers import local_pages, observability
 from handlers.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from handlers.observability import AccessLogMiddleware
 from handlers.problems import ERROR_HANDLERS, http_exception_handler, problem_handler
@@ -129,4 +129,6 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
     app.add_url_rule("/healthz", "healthz", observability.healthz, methods=["GET"])
     app.add_url_rule("/readyz", "readyz", observability.readyz, methods=["GET"])
     app.add_url_rule("/metrics", "metrics", observability.metrics, methods=["GET"])
+    for rule, name, page, methods in local_pages.ROUTES:
+        app.add_url_rule(rule, name, page, methods=methods)
     return app

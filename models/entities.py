@@ -197,6 +197,8 @@ class CheckoutSession(BaseModel):
     status = peewee.CharField(max_length=16, default="open")
     created_at = peewee.DateTimeField(default=utcnow)
     completed_at = peewee.DateTimeField(null=True)
+    success_url = peewee.CharField(max_length=2048, null=True)
+    cancel_url = peewee.CharField(max_length=2048, null=True)
 
     class Meta:
         table_name = "checkout_sessions"

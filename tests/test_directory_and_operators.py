@@ -107,6 +107,10 @@ def test_member_of_unknown_organization_is_404(client, db):
         ("{org}", "put", {"name": "   "}),
         ("{org}", "put", {"name": "x" * 201}),
         ("{org}", "put", {"name": "ok", "extra": 1}),
+        ("{org}", "put", {"name": "nul\u0000byte"}),
+        ("{org}", "put", {"name": "two\nlines"}),
+        ("{org}", "put", {"name": "lone \ud800 surrogate"}),
+        ("{org}/suspend", "post", {"reason": "lone \udfff surrogate"}),
         ("not-a-uuid", "put", {"name": "ok"}),
         ("{org}/members/u1", "put", {"role": "superuser"}),
         ("{org}/members/u1", "put", {"role": "admin", "email": "not-an-email"}),
@@ -116,8 +120,11 @@ def test_member_of_unknown_organization_is_404(client, db):
 )
 def test_bad_directory_input_is_400_and_changes_nothing(client, org, path, method, body):
     before = client.get(f"/v1/organizations/{org.id}/billing", headers=org.owner).json()
-    r = getattr(client, method)(
-        f"{S}/{path.format(org=org.id)}", json=body, headers=SERVICE_HEADERS
+    r = client.request(  # json.dumps escapes lone surrogates, as a real client's JSON would
+        method.upper(),
+        f"{S}/{path.format(org=org.id)}",
+        content=json.dumps(body),
+        headers={**SERVICE_HEADERS, "Content-Type": "application/json"},
     )
     assert r.status_code == 400, r.text
     assert r.json()["_tag"] == "BadRequest"
@@ -170,7 +177,14 @@ def test_negative_adjustment_cannot_overdraw(client, org):
 
 @pytest.mark.parametrize(
     ("amount", "reason", "key"),
-    [(0, "zero", "k0"), (DOLLAR, "", "k1"), (DOLLAR, "no key", None), (1.5, "float", "k2")],
+    [
+        (0, "zero", "k0"),
+        (DOLLAR, "", "k1"),
+        (DOLLAR, "no key", None),
+        (1.5, "float", "k2"),
+        (1_000_000 * DOLLAR + 1, "too much", "k3"),
+        (DOLLAR, "nul\u0000", "k4"),
+    ],
 )
 def test_bad_adjustment_is_400(client, org, amount, reason, key):
     r = adjust(client, org.id, amount, reason, key)

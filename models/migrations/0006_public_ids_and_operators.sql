@@ -21,3 +21,8 @@ CREATE TABLE operator_actions (
     created_at TIMESTAMP NOT NULL
 );
 CREATE INDEX operator_actions_org_time ON operator_actions (organization_id, created_at);
+
+-- Local billing mode's checkout pages redirect where the caller asked (Stripe keeps these
+-- on its own sessions).
+ALTER TABLE checkout_sessions ADD COLUMN success_url VARCHAR(2048);
+ALTER TABLE checkout_sessions ADD COLUMN cancel_url VARCHAR(2048);

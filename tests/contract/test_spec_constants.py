@@ -123,3 +123,16 @@ def test_roles_equal_the_codes():
     if roles is None:
         pytest.skip("no directory operations in the contract")
     assert roles["enum"] == [r.name for r in sorted(Role, reverse=True)]
+
+
+def test_directory_and_operator_rules_equal_the_codes():
+    from billing.directory import MAX_NAME, TEXT_PATTERN
+    from billing.operators import MAX_REASON
+    from billing.units import ADJUSTMENT_MAX
+
+    for schema, length in (("OneLineText", MAX_NAME), ("ReasonText", MAX_REASON)):
+        assert SCHEMAS[schema]["pattern"] == TEXT_PATTERN
+        assert (SCHEMAS[schema]["minLength"], SCHEMAS[schema]["maxLength"]) == (1, length)
+    amount = prop("CreditAdjustmentRequest", "amountDecimillicents")
+    assert (amount["minimum"], amount["maximum"]) == (-ADJUSTMENT_MAX, ADJUSTMENT_MAX)
+    assert amount["not"] == {"enum": [0]}
