@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     jwt_public_key: SecretStr | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    jwt_org_roles_claim: str | None = Field(
+        default=None,
+        description="A claim mapping organization ids to roles; when set, roles come from it.",
+    )
 
     service_token: SecretStr | None = Field(
         default=None, description="Bearer credential for service-to-service operations."
