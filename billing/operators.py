@@ -11,6 +11,7 @@ clears only that hold, never another one (a dispute's, for instance).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -60,7 +61,10 @@ def _reason(reason: str) -> str:
 
 
 def adjustment_ref(organization_id: str, idempotency_key: str) -> str:
-    return f"operator:{organization_id}:{idempotency_key}"
+    """The ledger's idempotency reference for a key: a digest, so any key up to the contract's
+    255 characters fits the 300-character column."""
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+    return f"operator:{organization_id}:{digest}"
 
 
 def adjust_credits(

@@ -57,7 +57,8 @@ def finalize_reservation(
 ) -> dict[str, Any]:
     org, rid = organization_id.lower(), reservation_id.lower()
     return run_once(
-        f"service:finalizeReservation:{org}:{rid}",
+        # Scopes are at most 100 characters (idempotency_records.scope): two UUIDs leave 28.
+        f"service:finalize:{org}:{rid}",
         idempotency_key(),
         body,
         lambda: shapes.reservation(

@@ -351,3 +351,31 @@ def test_admin_commands_match_the_api(client, db):
         ledger.grant(org_id, 1, "adjustment", "x")
         CreditEntry.update(balance_after=999).execute()
     assert admin("audit", org_id).returncode == 1
+
+
+def test_longest_idempotency_key_fits(client, org):
+    """A 255-character key (the contract's maximum) works on PostgreSQL too, where column
+    lengths are enforced: the ledger reference stores a digest of the key."""
+    key = "k" * 255
+    first = adjust(client, org.id, DOLLAR, "goodwill", key)
+    assert first.status_code == 200, first.text
+    again = adjust(client, org.id, DOLLAR, "goodwill", key)
+    assert again.json()["entry"]["id"] == first.json()["entry"]["id"]
+    assert adjust(client, org.id, 2 * DOLLAR, "goodwill", key).status_code == 409
+    assert balance(client, org.id, org.member) == DOLLAR
+
+
+def test_finalize_with_an_idempotency_key_is_not_a_500(client, org):
+    """The finalize scope (two UUIDs) fits idempotency_records.scope on PostgreSQL."""
+    adjust(client, org.id, DOLLAR, "seed", "seed")
+    held = client.post(
+        f"{S}/{org.id}/reservations",
+        json={"amountDecimillicents": 1000, "referenceId": "hold-1"},
+        headers=SERVICE_HEADERS,
+    ).json()
+    url = f"{S}/{org.id}/reservations/{held['id']}/finalize"
+    headers = {**SERVICE_HEADERS, "Idempotency-Key": "fin-1"}
+    first = client.post(url, json={"actualAmountDecimillicents": 600}, headers=headers)
+    assert first.status_code == 200, first.text
+    again = client.post(url, json={"actualAmountDecimillicents": 600}, headers=headers)
+    assert again.json() == first.json()
