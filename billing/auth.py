@@ -3,7 +3,9 @@
 The JWT algorithm is pinned by configuration, so `alg: none` and algorithm-confusion tokens
 are refused by PyJWT itself. The service credential is a separate scheme (X-Service-Token),
 so a user token never reaches service operations and the service credential never acts as a
-user. Roles come from our own membership table, never from the token, and an
+user. Roles come from our own membership table (kept by the platform's directory sync), or,
+when JWT_ORG_ROLES_CLAIM names a claim, from that claim alone: an object mapping organization
+ids to roles, for identity providers that put organization roles in the token. Either way an
 organization the caller does not belong to is reported exactly like one that does not exist.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import time
+import uuid
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -18,7 +21,7 @@ import jwt
 
 from billing.config import Settings
 from billing.errors import Forbidden, NotFound, Unauthenticated
-from models import Membership
+from models import Membership, Organization
 
 
 class Role(IntEnum):
@@ -31,6 +34,8 @@ class Role(IntEnum):
 class User:
     user_id: str
     email: str | None
+    # (organization id, role) pairs from the configured claim; None = roles from memberships.
+    org_roles: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,52 @@ def verify_user_token(token: str, settings: Settings) -> User:
             leeway=30,
         )
     except jwt.PyJWTError as exc:
-        raise Unauthenticated(f"invalid bearer token: {type(exc).__name__}") from None
+        raise Unauthenticated(f"invalid bearer token: {_token_fault(exc)}") from None
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > 255:
         raise Unauthenticated("invalid bearer token: bad subject")
     email = claims.get("email")
-    return User(user_id=sub, email=email if isinstance(email, str) else None)
+    org_roles = None
+    if settings.jwt_org_roles_claim is not None:
+        org_roles = _org_roles(claims.get(settings.jwt_org_roles_claim))
+    return User(user_id=sub, email=email if isinstance(email, str) else None, org_roles=org_roles)
+
+
+def _org_roles(raw: object) -> tuple[tuple[str, str], ...]:
+    """The claim's organization roles; no claim means no organization. Entries that are not
+    a UUID naming a known role are ignored (an identity provider may list other kinds)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise Unauthenticated("invalid bearer token: the organization roles claim is not an object")
+    roles = []
+    for org, role in raw.items():
+        try:
+            org_id = str(uuid.UUID(str(org)))
+        except ValueError:
+            continue
+        if isinstance(role, str) and role in Role.__members__:
+            roles.append((org_id, role))
+    return tuple(roles)
+
+
+def _token_fault(exc: jwt.PyJWTError) -> str:
+    """What is wrong with a token, in words (never the library's class names)."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "it has expired"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "it is not valid yet"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "wrong audience"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "wrong issuer"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"the {exc.claim} claim is missing"
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return "the signing algorithm is not accepted"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "the signature does not verify"
+    return "it is malformed"
 
 
 def verify_service_token(token: str, settings: Settings) -> Service:
@@ -83,12 +128,21 @@ def require_role(organization_id: str, principal: User, minimum: Role) -> str:
     without the role is Forbidden.
     """
     organization_id = organization_id.lower()
-    membership = Membership.get_or_none(
-        (Membership.organization == organization_id) & (Membership.user_id == principal.user_id)
-    )
-    if membership is None:
-        raise NotFound("organization not found")
-    role = Role[membership.role]
+    if principal.org_roles is not None:
+        role_name = dict(principal.org_roles).get(organization_id)
+        if (
+            role_name is None
+            or not Organization.select().where(Organization.id == organization_id).exists()
+        ):
+            raise NotFound("organization not found")
+        role = Role[role_name]
+    else:
+        membership = Membership.get_or_none(
+            (Membership.organization == organization_id) & (Membership.user_id == principal.user_id)
+        )
+        if membership is None:
+            raise NotFound("organization not found")
+        role = Role[membership.role]
     if role < minimum:
         raise Forbidden(f"this action needs the {minimum.name} role or higher")
     return organization_id

@@ -73,7 +73,14 @@ def start_subscription_checkout(
         cancel_url,
         f"checkout:{organization_id}:{idempotency_key or uuid.uuid4()}",
     )
-    return _record(session, organization_id, "subscription", plan=plan)
+    return _record(
+        session,
+        organization_id,
+        "subscription",
+        plan=plan,
+        success_url=success_url,
+        cancel_url=cancel_url,
+    )
 
 
 def start_top_up(
@@ -101,11 +108,23 @@ def start_top_up(
         cancel_url,
         f"top-up:{organization_id}:{idempotency_key or uuid.uuid4()}",
     )
-    return _record(session, organization_id, "top_up", amount=amount)
+    return _record(
+        session,
+        organization_id,
+        "top_up",
+        amount=amount,
+        success_url=success_url,
+        cancel_url=cancel_url,
+    )
 
 
 def open_portal(organization_id: str, return_url: str, gateway: BillingGateway) -> SessionInfo:
-    return gateway.create_portal_session(ensure_customer(organization_id, gateway), return_url)
+    customer = ensure_customer(organization_id, gateway)
+    if gateway.local:  # the local portal page needs the organization and the return URL
+        from billing import local_billing
+
+        return local_billing.portal_session(organization_id, return_url)
+    return gateway.create_portal_session(customer, return_url)
 
 
 def grant_top_up(organization_id: str, amount: int, payment_reference: str) -> bool:
@@ -135,32 +154,39 @@ def complete_local_checkout(organization_id: str) -> CheckoutSession:
         )
         if session is None:
             raise NotFound("no open local checkout for this organization")
-        account = lock_account(organization_id)
-        new_payment_method = not account.stripe_payment_method_id
-        if new_payment_method:
-            account.stripe_payment_method_id = LOCAL_PAYMENT_METHOD
-            account.save(only=[type(account).stripe_payment_method_id])
-        if session.kind == "subscription":
-            now = utcnow()
-            apply_subscription_state(
-                organization_id,
-                SubscriptionState(
-                    subscription_id=account.stripe_subscription_id
-                    or f"sub_local_{uuid.uuid4().hex[:16]}",
-                    status="active",
-                    plan=session.plan,
-                    started_at=now,
-                    ends_at=None,
-                    current_period_end=now + dt.timedelta(days=30),
-                ),
-                int(now.timestamp()),
-            )
-            grant_welcome_credit(organization_id, session.plan, session.id)
-        else:
-            grant_top_up(organization_id, session.amount, session.id)
-        session.status = "completed"
-        session.completed_at = utcnow()
-        session.save()
-    if new_payment_method:  # a card to charge now: auto-recharge may be due
-        recharge_policy.reconsider(organization_id)
+        completed = complete_local_session(session)
+    recharge_policy.reconsider(organization_id)  # a card may be on file now
+    return completed
+
+
+def complete_local_session(session: CheckoutSession) -> CheckoutSession:
+    """Finish one open local session as Stripe's webhooks would (inside a write transaction):
+    activate the plan and grant the welcome credit once, or grant the top-up once."""
+    organization_id = session.organization_id
+    account = lock_account(organization_id)
+    if not account.stripe_payment_method_id:
+        account.stripe_payment_method_id = LOCAL_PAYMENT_METHOD
+        account.save(only=[type(account).stripe_payment_method_id])
+    if session.kind == "subscription":
+        now = utcnow()
+        apply_subscription_state(
+            organization_id,
+            SubscriptionState(
+                subscription_id=account.stripe_subscription_id
+                or f"sub_local_{uuid.uuid4().hex[:16]}",
+                status="active",
+                plan=session.plan,
+                started_at=now,
+                ends_at=None,
+                current_period_end=now + dt.timedelta(days=30),
+            ),
+            int(now.timestamp()),
+        )
+        grant_welcome_credit(organization_id, session.plan, session.id)
+    else:
+        assert session.amount is not None  # a top-up session always stores its amount
+        grant_top_up(organization_id, session.amount, session.id)
+    session.status = "completed"
+    session.completed_at = utcnow()
+    session.save()
     return session

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     jwt_public_key: SecretStr | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    jwt_org_roles_claim: str | None = Field(
+        default=None,
+        description="A claim mapping organization ids to roles; when set, roles come from it.",
+    )
 
     service_token: SecretStr | None = Field(
         default=None, description="Bearer credential for service-to-service operations."
@@ -52,7 +56,10 @@ class Settings(BaseSettings):
     billing_local_mode: bool = Field(
         default=True, description="Local billing mode when no Stripe key is configured."
     )
-    public_base_url: str = "http://127.0.0.1:8000"
+    bind: str = Field(default="127.0.0.1:8000", description="host:port the server binds (BIND).")
+    public_base_url: str = Field(
+        default="", description="Base of local session URLs; unset = the address in BIND."
+    )
     payment_grace_period_days: int = Field(default=7, ge=0, le=60)
     auto_recharge_cooldown_seconds: int = Field(default=600, ge=0, le=86_400)
     auto_recharge_max_failures: int = Field(default=3, ge=1, le=20)
@@ -109,6 +116,10 @@ class Settings(BaseSettings):
                 raise ValueError("JWT_SECRET must be at least 32 characters")
         elif self.jwt_public_key is None:
             raise ValueError(f"JWT_PUBLIC_KEY is required for JWT_ALGORITHM={self.jwt_algorithm}")
+        if not self.public_base_url:
+            self.public_base_url = base_url_for_bind(self.bind)
+        elif not self.public_base_url.startswith(("http://", "https://")):
+            raise ValueError("PUBLIC_BASE_URL must start with http:// or https://")
         for name in ("rate_limit_principal", "rate_limit_ip", "rate_limit_webhook"):
             try:
                 parse_limit(getattr(self, name))
@@ -147,6 +158,16 @@ class Settings(BaseSettings):
     def cursor_key(self) -> bytes:
         """Key for signing pagination cursors, derived so it never equals the JWT secret."""
         return hashlib.sha256(b"cursor:" + self.jwt_secret.get_secret_value().encode()).digest()
+
+
+def base_url_for_bind(bind: str) -> str:
+    """The URL a browser on this machine uses to reach a server bound to `bind` (host:port):
+    a wildcard address is reached through loopback; a Unix socket falls back to port 8000."""
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit() or host.startswith("unix"):
+        return "http://127.0.0.1:8000"
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
+    return f"http://{host}:{port}"
 
 
 def load_settings() -> Settings:

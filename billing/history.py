@@ -4,6 +4,10 @@ A cursor names the last entry id of the page it ends and the organization it bel
 signed with HMAC-SHA256: a tampered cursor, or one from another organization, is rejected rather
 than silently showing the wrong page. Ledger ids grow in commit order per organization (writers
 hold the account lock), so keyset paging never skips or repeats an entry.
+
+On the wire an entry is named by its `public_id` (a UUID) and typed with the platform's seven
+entry types; the ledger's finer internal type stays available as `kind`, and `reason` is never
+empty (an entry written without one gets its kind's description).
 """
 
 from __future__ import annotations
@@ -13,13 +17,59 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 from dataclasses import dataclass
+from enum import StrEnum
 
 from billing.errors import InvalidRequest
 from models import CreditEntry
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+log = logging.getLogger("billing.history")
+
+
+class EntryType(StrEnum):
+    """Credit entry types on the wire: exactly the ones the platform's clients know."""
+
+    purchase = "purchase"
+    usage = "usage"
+    adjustment = "adjustment"
+    refund = "refund"
+    auto_recharge = "auto_recharge"
+    reserve = "reserve"
+    release = "release"
+
+
+# The ledger's internal entry type -> (wire type, reason shown when the entry has none).
+WIRE_TYPES: dict[str, tuple[EntryType, str]] = {
+    "top_up": (EntryType.purchase, "credit top-up"),
+    "welcome_grant": (EntryType.purchase, "welcome credit"),
+    "initial_grant": (EntryType.purchase, "initial credit"),
+    "charge": (EntryType.usage, "usage"),
+    "recharge": (EntryType.auto_recharge, "auto-recharge"),
+    "refund": (EntryType.refund, "refund"),
+    "dispute": (EntryType.refund, "lost dispute"),
+    "adjustment": (EntryType.adjustment, "operator adjustment"),
+    "reserve": (EntryType.reserve, "credits held"),
+    "release": (EntryType.release, "hold released"),
+}
+
+
+def wire_type(kind: str) -> EntryType:
+    """The platform's type for an internal one; a kind added later reads as an adjustment
+    (signed, so the amount still tells the direction) and is logged so it gets a mapping."""
+    mapped = WIRE_TYPES.get(kind)
+    if mapped is None:
+        log.warning("credit entry kind %s has no wire type; shown as adjustment", kind)
+        return EntryType.adjustment
+    return mapped[0]
+
+
+def wire_reason(kind: str, reason: str | None) -> str:
+    if reason:
+        return reason
+    return WIRE_TYPES[kind][1] if kind in WIRE_TYPES else kind.replace("_", " ")
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 from peewee import fn
 
 from billing.errors import InvalidRequest
 from models import UsageRecord
 
-CATEGORIES = ("openrouter_inference", "workflow_execution", "api_call")
+
+class UsageCategory(StrEnum):
+    """Every usage category the platform sends: its current four and the older three."""
+
+    text_generation = "text_generation"
+    image_generation = "image_generation"
+    video_generation = "video_generation"
+    storage = "storage"
+    openrouter_inference = "openrouter_inference"
+    workflow_execution = "workflow_execution"
+    api_call = "api_call"
+
+
+CATEGORIES = tuple(c.value for c in UsageCategory)
+
+# periodStart/periodEnd: a date, or a date-time with or without an offset (none = UTC); `T`
+# and `Z` in either case. The contract documents the same pattern (a test compares them).
+PERIOD_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"([Tt][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?([Zz]|[+-][0-9]{2}:[0-9]{2})?)?$"
+)
+_PERIOD = re.compile(PERIOD_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -24,13 +47,16 @@ class UsageSummary:
 
 
 def parse_timestamp(name: str, raw: str) -> dt.datetime:
-    """ISO-8601 to naive UTC; a value without an offset is taken as UTC."""
+    """A date (midnight UTC) or an ISO-8601 date-time to naive UTC; no offset means UTC."""
+    problem = f"{name} must be a date (2026-11-01) or an ISO-8601 date-time (2026-11-01T00:00:00Z)"
+    if not isinstance(raw, str) or not _PERIOD.fullmatch(raw):
+        raise InvalidRequest(problem)
     try:
-        value = dt.datetime.fromisoformat(raw.strip())
+        value = dt.datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))
         if value.tzinfo is not None:
             value = value.astimezone(dt.UTC).replace(tzinfo=None)
     except (ValueError, OverflowError):
-        raise InvalidRequest(f"{name} must be an ISO-8601 date-time") from None
+        raise InvalidRequest(problem) from None
     return value
 
 

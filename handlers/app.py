@@ -13,6 +13,7 @@ from typing import Any
 
 import connexion
 import yaml
+from connexion.exceptions import ProblemException
 from connexion.middleware import MiddlewarePosition
 from connexion.resolver import Resolution, Resolver
 from starlette.exceptions import HTTPException
@@ -20,14 +21,14 @@ from starlette.exceptions import HTTPException
 from billing import auto_recharge
 from billing.config import Settings, get_settings
 from billing.stripe_gateway import get_gateway
-from handlers import observability
+from handlers import local_pages, observability
 from handlers.middleware import (
     BodySizeLimitMiddleware,
     JsonContentTypeMiddleware,
     RequestIdMiddleware,
 )
 from handlers.observability import AccessLogMiddleware
-from handlers.problems import ERROR_HANDLERS, http_exception_handler
+from handlers.problems import ERROR_HANDLERS, http_exception_handler, problem_handler
 from handlers.ratelimit import RateLimitMiddleware
 from handlers.spec_index import SpecIndex
 from handlers.validation import VALIDATORS
@@ -115,9 +116,10 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
         validator_map=VALIDATORS,
         swagger_ui_options=None,
     )
+    spec = SpecIndex(yaml.safe_load(SPEC_PATH.read_text()))
+    app.add_error_handler(ProblemException, problem_handler(spec))
     for exc_class, handler in ERROR_HANDLERS:
         app.add_error_handler(exc_class, handler)
-    spec = SpecIndex(yaml.safe_load(SPEC_PATH.read_text()))
     app.add_error_handler(HTTPException, http_exception_handler(spec))
     # Connexion puts each middleware added here outside the ones added after it: the request
     # id is set before anything logs, and the access log sees every answer (429s, 413s too).
@@ -132,4 +134,6 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
     app.add_url_rule("/healthz", "healthz", observability.healthz, methods=["GET"])
     app.add_url_rule("/readyz", "readyz", observability.readyz, methods=["GET"])
     app.add_url_rule("/metrics", "metrics", observability.metrics, methods=["GET"])
+    for rule, name, page, methods in local_pages.ROUTES:
+        app.add_url_rule(rule, name, page, methods=methods)
     return app

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handlers.context import request_id
+from handlers.problems import problem_body
 from handlers.spec_index import SpecIndex
 from models import database
 
@@ -133,14 +134,7 @@ def readyz(request: Request) -> Response:
     except Exception as exc:
         logging.getLogger("billing.health").error("database not ready: %s", type(exc).__name__)
         return JSONResponse(
-            {
-                "type": "about:blank",
-                "title": "Service Unavailable",
-                "status": 503,
-                "detail": "the database is not reachable",
-                "code": "ServiceUnavailable",
-                "requestId": request_id.get(),
-            },
+            problem_body(503, "the database is not reachable", "ServiceUnavailable"),
             status_code=503,
             media_type="application/problem+json",
         )

@@ -3,6 +3,8 @@
 Domain errors carry their code; framework errors are mapped by status. Anything unexpected is a
 500 whose body says nothing about internals; the details go to the log with the request id.
 Statuses outside the contract's nine for a documented operation (413, 415) are answered as 400.
+Every body also carries `message` (= detail) and `_tag` (= code): the platform's existing clients
+read those two names. A 401 names the credential the operation wants and carries WWW-Authenticate.
 """
 
 from __future__ import annotations
@@ -42,20 +44,35 @@ FOLDED_STATUS = {413: 400, 415: 400, 422: 400}
 GENERIC_500 = "An unexpected error occurred. Quote the request id when reporting it."
 
 
-def problem(
-    status: int, detail: str, code: str | None = None, headers: Mapping[str, str] | None = None
-) -> ConnexionResponse:
-    status = FOLDED_STATUS.get(status, status)
-    if code is None:
-        code = CODE_BY_STATUS.get(status, "BadRequest" if status < 500 else "InternalError")
-    body = {
+# How each security scheme of the contract is challenged when its credential is missing or bad.
+CHALLENGES = {
+    "bearerAuth": ("a bearer token (Authorization: Bearer ...)", 'Bearer realm="billing"'),
+    "serviceAuth": ("the X-Service-Token header", 'X-Service-Token realm="billing"'),
+    "stripeSignature": ("the Stripe-Signature header", 'Stripe-Signature realm="billing"'),
+}
+
+
+def problem_body(status: int, detail: str, code: str) -> dict[str, object]:
+    """The RFC 9457 body, with the platform clients' `message` and `_tag` alongside."""
+    return {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
         "code": code,
         "requestId": request_id.get(),
+        "message": detail,
+        "_tag": code,
     }
+
+
+def problem(
+    status: int, detail: str, code: str | None = None, headers: Mapping[str, str] | None = None
+) -> ConnexionResponse:
+    status = FOLDED_STATUS.get(status, status)
+    if code is None:
+        code = CODE_BY_STATUS.get(status, "BadRequest" if status < 500 else "InternalError")
+    body = problem_body(status, detail, code)
     return ConnexionResponse(
         status_code=status,
         mimetype="application/problem+json",
@@ -98,9 +115,24 @@ def on_billing_error(_request: ConnexionRequest, exc: Exception) -> ConnexionRes
     return problem(status, exc.detail, exc.code)
 
 
-def on_problem(_request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
-    assert isinstance(exc, ProblemException)
-    return _framework_problem(exc.status, exc.detail, exc.headers)
+def unauthorized(schemes: list[str], detail: str | None) -> ConnexionResponse:
+    """A 401 that names the credential the operation wants (missing, or the one that failed)."""
+    known = [s for s in schemes if s in CHALLENGES] or ["bearerAuth"]
+    wanted = " or ".join(CHALLENGES[s][0] for s in known)
+    if detail is None or detail.startswith("No authorization token provided"):
+        detail = f"missing credential: this operation needs {wanted}"
+    headers = {"WWW-Authenticate": ", ".join(CHALLENGES[s][1] for s in known)}
+    return problem(401, detail, headers=headers)
+
+
+def problem_handler(spec: SpecIndex) -> Callable[..., ConnexionResponse]:
+    def on_problem(request: ConnexionRequest, exc: Exception) -> ConnexionResponse:
+        assert isinstance(exc, ProblemException)
+        if exc.status == 401:
+            return unauthorized(spec.security(request.method, request.url.path), exc.detail)
+        return _framework_problem(exc.status, exc.detail, exc.headers)
+
+    return on_problem
 
 
 def http_exception_handler(spec: SpecIndex) -> Callable[..., ConnexionResponse]:
@@ -128,7 +160,6 @@ def on_unexpected(_request: ConnexionRequest, exc: Exception) -> ConnexionRespon
 
 ERROR_HANDLERS = [
     (BillingError, on_billing_error),
-    (ProblemException, on_problem),
     (peewee.OperationalError, on_database_error),
     (peewee.InterfaceError, on_database_error),
     (Exception, on_unexpected),

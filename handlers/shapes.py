@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from billing.history import HistoryPage
+from billing.history import HistoryPage, wire_reason, wire_type
 from billing.ledger import ReservationResult
 from billing.metering import RecordedUsage
+from billing.operators import Adjustment
 from billing.plans import is_subscribed
 from billing.usage import UsageSummary
-from models import BillingAccount, CreditEntry
+from models import BillingAccount, CreditEntry, Membership, Organization
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -59,10 +60,11 @@ def credit_balance(account: BillingAccount) -> dict[str, Any]:
 
 def credit_entry(entry: CreditEntry) -> dict[str, Any]:
     return {
-        "id": str(entry.id),
-        "entryType": entry.entry_type,
+        "id": entry.public_id,
+        "entryType": wire_type(entry.entry_type).value,
+        "kind": entry.entry_type,
         "amountDecimillicents": entry.amount,
-        "reason": entry.reason,
+        "reason": wire_reason(entry.entry_type, entry.reason),
         "referenceId": entry.reference_id,
         "balanceAfter": entry.balance_after,
         "createdAt": iso(entry.created_at),
@@ -116,4 +118,34 @@ def reservation(result: ReservationResult) -> dict[str, Any]:
         "createdAt": iso(held.created_at),
         "availableDecimillicents": result.balance - result.reserved,
         "replayed": result.replayed,
+    }
+
+
+def organization(org: Organization) -> dict[str, Any]:
+    return {"organizationId": org.id, "name": org.name, "createdAt": iso(org.created_at)}
+
+
+def member(membership: Membership) -> dict[str, Any]:
+    return {
+        "organizationId": membership.organization_id,
+        "userId": membership.user_id,
+        "role": membership.role,
+        "email": membership.email,
+    }
+
+
+def credit_adjustment(result: Adjustment) -> dict[str, Any]:
+    return {
+        "entry": credit_entry(result.entry),
+        "availableDecimillicents": result.balance - result.reserved,
+        "replayed": result.replayed,
+    }
+
+
+def suspension(account: BillingAccount) -> dict[str, Any]:
+    return {
+        "organizationId": account.organization_id,
+        "isSuspended": account.suspended_at is not None,
+        "suspendedAt": iso(account.suspended_at),
+        "reason": account.suspension_reason,
     }

@@ -6,6 +6,8 @@ match them (a test compares the two on both databases).
 
 from __future__ import annotations
 
+import uuid
+
 import peewee
 
 from models.clock import utcnow
@@ -76,6 +78,8 @@ class BillingAccount(BaseModel):
     auto_recharge_in_flight_id = peewee.CharField(max_length=36, null=True)
     auto_recharge_last_requested_at = peewee.DateTimeField(null=True)
     auto_recharge_failure_count = peewee.IntegerField(default=0)
+    # Why an operator suspended the organization (with `suspended_at`, the operator's hold).
+    suspension_reason = peewee.CharField(max_length=500, null=True)
 
     class Meta:
         table_name = "billing_accounts"
@@ -94,6 +98,8 @@ class CreditEntry(BaseModel):
     idempotency_ref = peewee.CharField(max_length=300, null=True, unique=True)
     balance_after = peewee.BigIntegerField()
     created_at = peewee.DateTimeField(default=utcnow)
+    # The entry's id on the wire (a UUID); `id` stays the commit order that history pages by.
+    public_id = peewee.CharField(max_length=36, unique=True, default=lambda: str(uuid.uuid4()))
 
     class Meta:
         table_name = "credit_entries"
@@ -196,6 +202,8 @@ class CheckoutSession(BaseModel):
     status = peewee.CharField(max_length=16, default="open")
     created_at = peewee.DateTimeField(default=utcnow)
     completed_at = peewee.DateTimeField(null=True)
+    success_url = peewee.CharField(max_length=2048, null=True)
+    cancel_url = peewee.CharField(max_length=2048, null=True)
 
     class Meta:
         table_name = "checkout_sessions"
@@ -218,6 +226,23 @@ class WebhookEvent(BaseModel):
         table_name = "webhook_events"
 
 
+class OperatorAction(BaseModel):
+    """What an operator did to an organization, and why: the trail behind suspensions and
+    credit adjustments (the ledger entry itself is linked for adjustments)."""
+
+    id = peewee.AutoField()
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
+    action = peewee.CharField(max_length=32)
+    reason = peewee.CharField(max_length=500)
+    amount = peewee.BigIntegerField(null=True)
+    credit_entry = peewee.ForeignKeyField(CreditEntry, null=True, column_name="credit_entry_id")
+    created_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "operator_actions"
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     Organization,
     Membership,
@@ -230,4 +255,5 @@ ALL_MODELS: list[type[BaseModel]] = [
     IdempotencyRecord,
     CheckoutSession,
     WebhookEvent,
+    OperatorAction,
 ]

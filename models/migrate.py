@@ -1,7 +1,8 @@
 """Versioned migrations: `models/migrations/NNNN_name.sql`, applied in order, once each.
 
-The same files run on SQLite and PostgreSQL; the only dialect difference, the auto-increment
-primary key, is written `{pk}`. Each file runs in one transaction together with its row in
+The same files run on SQLite and PostgreSQL; the dialect differences are written as tokens:
+`{pk}` (the auto-increment primary key) and `{uuid}` (an expression making a random version-4
+UUID string, for backfills). Each file runs in one transaction together with its row in
 `schema_migrations`, so a failed migration leaves nothing behind. On PostgreSQL an advisory lock
 makes concurrent runners (several instances starting at once) take turns; on SQLite the
 writer lock does.
@@ -22,6 +23,15 @@ _PK = {
     "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
     "postgres": "BIGSERIAL PRIMARY KEY",
 }
+_UUID = {
+    # SQLite has no UUID function: assemble a version-4 (variant 10xx) UUID from random bytes.
+    "sqlite": (
+        "lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || "
+        "substr(hex(randomblob(2)), 2) || '-' || substr('89ab', 1 + (abs(random()) % 4), 1) || "
+        "substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6)))"
+    ),
+    "postgres": "gen_random_uuid()::text",
+}
 
 
 def available_migrations() -> list[tuple[str, Path]]:
@@ -31,6 +41,7 @@ def available_migrations() -> list[tuple[str, Path]]:
 
 def _statements(sql: str, dialect: str) -> list[str]:
     sql = re.sub(r"--[^\n]*", "", sql).replace("{pk}", _PK[dialect])
+    sql = sql.replace("{uuid}", _UUID[dialect])
     return [s.strip() for s in sql.split(";") if s.strip()]
 
 

@@ -4,18 +4,50 @@
 
 Starts gunicorn on a free loopback port over a fresh database (scripts.local_server; a
 temporary SQLite file unless FUZZ_DATABASE_URL is set), seeded with an organization, an owner
-token, the service credential and credit; runs `schemathesis run --checks all` with
-`tests/contract/schemathesis.toml`; prints its summary and exits with its status.
+token, the service credential, credit and one open reservation; runs `schemathesis run
+--checks all` with `tests/contract/schemathesis.toml`; prints its summary, then the statuses
+each operation answered (from the server's access log), and exits with Schemathesis' status.
+The temporary directory is removed afterwards unless the run failed (its log is kept then).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 from scripts.local_server import BIN, ROOT, LocalServer
+
+
+def _seed_reservation(server: LocalServer) -> str:
+    """An open hold for releaseReservation to release: without it only stateful links could
+    name a reservation, and a random id is always a 404."""
+    request = urllib.request.Request(
+        f"{server.base_url}/v1/service/organizations/{server.organization_id}/reservations",
+        data=json.dumps({"amountDecimillicents": 1000, "referenceId": "fuzz-seed-hold"}).encode(),
+        headers={"Content-Type": "application/json", "X-Service-Token": server.service_token},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(json.load(response)["id"])
+
+
+def statuses_by_operation(log_path: str) -> dict[str, set[int]]:
+    """operationId -> the statuses the server answered it with, from the JSON access log."""
+    seen: dict[str, set[int]] = collections.defaultdict(set)
+    with open(log_path) as log:
+        for line in log:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("logger") == "billing.access":
+                seen[str(entry.get("operation"))].add(int(entry.get("status", 0)))
+    return dict(seen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +86,18 @@ def main(argv: list[str] | None = None) -> int:
             "-H",
             f"X-Service-Token: {server.service_token}",
         ]
-        env = {**server.env, "FUZZ_ORG_ID": server.organization_id}
+        env = {
+            **server.env,
+            "FUZZ_ORG_ID": server.organization_id,
+            "FUZZ_RESERVATION_ID": _seed_reservation(server),
+        }
         result = subprocess.run(command, env=env, cwd=server.tmp)
-        print(f"server log: {server.log_path}")
+        print("statuses by operation:")
+        for operation, statuses in sorted(statuses_by_operation(server.log_path).items()):
+            print(f"  {operation}: {' '.join(str(s) for s in sorted(statuses))}")
+        server.keep_tmp = result.returncode != 0
+        if server.keep_tmp:
+            print(f"server log: {server.log_path}")
         return result.returncode
 
 

@@ -5,11 +5,13 @@
 
 It seeds one organization with an owner (`token`) and credit, and serves in local billing mode
 on a free loopback port. The database is a temporary SQLite file unless `database_url` is given.
+The temporary directory (database, log) is removed on exit unless `keep_tmp` is set.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,6 +96,7 @@ class LocalServer:
         self.token = ""
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[str] | None = None
+        self.keep_tmp = False
 
     @property
     def log_path(self) -> str:
@@ -138,3 +141,5 @@ class LocalServer:
             self._process.wait(timeout=30)
         if self._log is not None:
             self._log.close()
+        if not self.keep_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -11,7 +11,17 @@ def assert_problem(r, status, code):
     body = r.json()
     assert body["status"] == status and body["code"] == code
     assert body["requestId"] == r.headers["x-request-id"]
-    assert set(body) == {"type", "title", "status", "detail", "code", "requestId"}
+    assert set(body) == {
+        "type",
+        "title",
+        "status",
+        "detail",
+        "code",
+        "requestId",
+        "message",
+        "_tag",
+    }
+    assert body["message"] == body["detail"] and body["_tag"] == body["code"]
     return body
 
 

@@ -310,4 +310,5 @@ def test_injection_looking_values_are_stored_literally(client, seeded, reference
         "items"
     ]
     assert history[0]["referenceId"] == ref
-    assert [i["entryType"] for i in history] == ["charge", "top_up"]
+    assert [i["entryType"] for i in history] == ["usage", "purchase"]
+    assert [i["kind"] for i in history] == ["charge", "top_up"]

@@ -69,8 +69,8 @@ def test_top_up_then_history(client, org):
     assert r.status_code == 200, r.text
     complete(client, org)
     history = client.get(f"/v1/billing/{org.id}/credits/history", headers=org.member).json()
-    assert [(i["entryType"], i["amountDecimillicents"]) for i in history["items"]] == [
-        ("top_up", 5 * DOLLAR)
+    assert [(i["entryType"], i["kind"], i["amountDecimillicents"]) for i in history["items"]] == [
+        ("purchase", "top_up", 5 * DOLLAR)
     ]
     assert history["items"][0]["referenceId"] == r.json()["id"]
 

@@ -54,7 +54,7 @@ def test_record_usage_debits_and_shows_in_usage_and_history(client, funded, cloc
     ).json()
     assert summary["totalCostDecimillicents"] == 300
     history = client.get(f"/v1/billing/{funded.id}/credits/history", headers=funded.member).json()
-    assert history["items"][0]["entryType"] == "charge"
+    assert history["items"][0]["entryType"] == "usage"
     assert history["items"][0]["amountDecimillicents"] == -300
     assert history["items"][0]["referenceId"] == "call-1"
 

@@ -165,7 +165,7 @@ def test_main_flows_validate_with_openapi_core(call, org):
         json={
             "category": "api_call",
             "quantity": 1,
-            "unitCostDecimillicents": 10**12,
+            "unitCostDecimillicents": 9 * 10**9,
             "referenceId": "core-2",
         },
     )

@@ -54,9 +54,9 @@ def test_in_process_worker_recharges_in_local_mode():
             while time.monotonic() < deadline:
                 items = http.get(f"/v1/billing/{org}/credits/history", headers=user).json()["items"]
                 types = [item["entryType"] for item in items]
-                if "recharge" in types:
+                if "auto_recharge" in types:
                     break
                 time.sleep(0.5)
-            assert types.count("recharge") == 1, types
+            assert types.count("auto_recharge") == 1, types
             balance = http.get(f"/v1/billing/{org}/credits", headers=user).json()
             assert balance["creditsBalanceDecimillicents"] == int(5.5 * DOLLAR)

@@ -1,0 +1,169 @@
+"""Local billing mode: what Stripe would do, done in-process, through the same rules.
+
+Activating a plan directly (the platform's `dev/complete-local` with a plan) goes through
+`apply_subscription_state` and `grant_welcome_credit` like a paid first invoice, so the welcome
+credit is still granted once per organization, whatever the order of calls.
+
+The local checkout, top-up and portal pages stand in for Stripe's hosted ones. Like Stripe's,
+their URLs are capabilities: a checkout session id is a random 128-bit id, and a portal link
+carries the organization and return URL signed with a key derived from the JWT secret. Paying
+completes exactly the session shown, once (a second Pay only redirects again).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import hmac
+import json
+import uuid
+from dataclasses import dataclass
+
+from billing import recharge_policy
+from billing.accounts import get_account, lock_account
+from billing.checkout import LOCAL_PAYMENT_METHOD, complete_local_session
+from billing.config import get_settings
+from billing.errors import InvalidRequest, NotFound
+from billing.plans import PLANS
+from billing.stripe_gateway import SessionInfo
+from billing.subscriptions import SubscriptionState, apply_subscription_state, grant_welcome_credit
+from models import BillingAccount, CheckoutSession, locked, utcnow, write_transaction
+
+LOCAL_PERIOD = dt.timedelta(days=30)
+
+
+def activate_plan(organization_id: str, plan: str) -> None:
+    """Subscribe to `plan`, or switch to it, with no checkout; a card is on file afterwards."""
+    if plan not in PLANS:
+        raise InvalidRequest(f"subscriptionPlan must be one of {', '.join(PLANS)}")
+    with write_transaction():
+        account = lock_account(organization_id)
+        if not account.stripe_payment_method_id:
+            account.stripe_payment_method_id = LOCAL_PAYMENT_METHOD
+            account.save(only=[type(account).stripe_payment_method_id])
+        now = utcnow()
+        apply_subscription_state(
+            organization_id,
+            SubscriptionState(
+                subscription_id=account.stripe_subscription_id
+                or f"sub_local_{uuid.uuid4().hex[:16]}",
+                status="active",
+                plan=plan,
+                started_at=account.subscription_started_at or now,
+                ends_at=None,
+                current_period_end=now + LOCAL_PERIOD,
+            ),
+            int(now.timestamp()),
+        )
+        grant_welcome_credit(organization_id, plan, f"local-plan:{organization_id}")
+    recharge_policy.reconsider(organization_id)  # a card may be on file now
+
+
+# --- checkout and top-up pages --------------------------------------------------------------
+
+
+def open_session(session_id: str) -> tuple[CheckoutSession, BillingAccount]:
+    """The session a local checkout or top-up page shows, with its organization's account."""
+    session = CheckoutSession.get_or_none(CheckoutSession.id == session_id)
+    if session is None or not session_id.startswith("cs_local_"):
+        raise NotFound("no such local checkout session")
+    return session, get_account(session.organization_id)
+
+
+def pay(session_id: str) -> CheckoutSession:
+    """Pay for the session shown, as Stripe's webhooks would complete it; paying twice (a
+    double click, a reload) completes it once. A canceled session cannot be paid."""
+    with write_transaction():
+        session = locked(
+            CheckoutSession.select().where(CheckoutSession.id == session_id)
+        ).get_or_none()
+        if session is None or not session_id.startswith("cs_local_"):
+            raise NotFound("no such local checkout session")
+        if session.status == "open":
+            completed = complete_local_session(session)
+        elif session.status != "completed":
+            raise InvalidRequest(f"this checkout was {session.status}")
+        else:
+            return session
+    recharge_policy.reconsider(completed.organization_id)  # a card may be on file now
+    return completed
+
+
+def cancel(session_id: str) -> CheckoutSession:
+    """Leave the checkout without paying: the session can no longer be completed."""
+    with write_transaction():
+        session = locked(
+            CheckoutSession.select().where(CheckoutSession.id == session_id)
+        ).get_or_none()
+        if session is None or not session_id.startswith("cs_local_"):
+            raise NotFound("no such local checkout session")
+        if session.status == "open":
+            session.status = "canceled"
+            session.save(only=[CheckoutSession.status])
+        return session
+
+
+# --- portal ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PortalLink:
+    organization_id: str
+    return_url: str
+
+
+def _portal_key() -> bytes:
+    secret = get_settings().jwt_secret.get_secret_value().encode()
+    return hashlib.sha256(b"local-portal:" + secret).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def portal_session(organization_id: str, return_url: str) -> SessionInfo:
+    payload = json.dumps({"o": organization_id, "r": return_url}, separators=(",", ":")).encode()
+    signature = hmac.new(_portal_key(), payload, hashlib.sha256).digest()[:16]
+    token = f"{_b64(payload)}.{_b64(signature)}"
+    base = get_settings().public_base_url.rstrip("/")
+    return SessionInfo(f"bps_local_{uuid.uuid4().hex}", f"{base}/local/portal/{token}")
+
+
+def read_portal_link(token: str) -> PortalLink:
+    """The organization and return URL a portal link names; NotFound for anything not ours."""
+    try:
+        payload_part, signature_part = token.split(".")
+        payload = base64.urlsafe_b64decode(payload_part + "=" * (-len(payload_part) % 4))
+        signature = base64.urlsafe_b64decode(signature_part + "=" * (-len(signature_part) % 4))
+    except (ValueError, binascii.Error):
+        raise NotFound("no such portal session") from None
+    expected = hmac.new(_portal_key(), payload, hashlib.sha256).digest()[:16]
+    if not hmac.compare_digest(signature, expected):
+        raise NotFound("no such portal session")
+    data = json.loads(payload)
+    return PortalLink(organization_id=str(data["o"]), return_url=str(data["r"]))
+
+
+def cancel_subscription(organization_id: str) -> BillingAccount:
+    """What the portal's cancel does on Stripe: the subscription ends now (as
+    customer.subscription.deleted would record it); credits stay."""
+    with write_transaction():
+        account = lock_account(organization_id)
+        if account.stripe_subscription_id is None or account.subscription_status == "canceled":
+            return account
+        now = utcnow()
+        apply_subscription_state(
+            organization_id,
+            SubscriptionState(
+                subscription_id=account.stripe_subscription_id,
+                status="canceled",
+                plan=None,
+                started_at=account.subscription_started_at,
+                ends_at=now,
+                current_period_end=account.subscription_current_period_end,
+            ),
+            max(int(now.timestamp()), account.subscription_state_at or 0),
+        )
+        return lock_account(organization_id)
