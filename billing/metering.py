@@ -1,19 +1,43 @@
-"""Recording usage: a usage record and its debit, in one transaction, once per reference."""
+"""Recording usage: a usage record and its debit, in one transaction, once per reference.
+
+One event or a batch of up to `MAX_BATCH_EVENTS` go through the same code: validate every event
+first (an invalid one rejects the whole request, before anything is written), then, in ONE
+write transaction, lock the accounts in sorted organization-id order (so concurrent batches over
+overlapping organizations cannot deadlock), read the records already made under the batch's
+references, decide each event in request order against the locked accounts' in-memory totals
+(the ledger's own rules: `ledger.spend_refusal`, `ledger.apply_to_account`), and write the
+outcome with a handful of multi-row statements: the credit entries, the usage records, the
+per-day rollups (`usage_daily_rollups`) and the accounts' totals. No statement aggregates over
+the ledger or the usage records, so a debit costs the same with ten entries or a million.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
-from billing.accounts import lock_account
-from billing.errors import Conflict, InvalidRequest
-from billing.ledger import debit_locked
+from peewee import EXCLUDED, Case
+
+from billing import ledger
+from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
+from billing.metrics import LEDGER_ENTRIES
 from billing.units import INT64_MAX
-from billing.usage import CATEGORIES
-from models import UsageRecord, write_transaction
+from billing.usage import CATEGORIES, day_key
+from models import (
+    BillingAccount,
+    CreditEntry,
+    UsageDailyRollup,
+    UsageRecord,
+    locked,
+    utcnow,
+    write_transaction,
+)
 
 MAX_METADATA_BYTES = 4096
+MAX_BATCH_EVENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -22,6 +46,64 @@ class RecordedUsage:
     balance: int
     reserved: int
     replayed: bool
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One validated usage event (`metadata` already encoded as it is stored)."""
+
+    organization_id: str
+    category: str
+    quantity: int
+    unit_cost: int
+    reference_id: str
+    metadata: str | None
+
+    @property
+    def cost(self) -> int:
+        return self.quantity * self.unit_cost
+
+
+class EventStatus(StrEnum):
+    recorded = "recorded"
+    duplicate = "duplicate"  # the reference was recorded before with the same values
+    refused = "refused"  # what a single record would answer with 402
+    conflict = "conflict"  # the reference was recorded before with other values
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    """The result of one event: the record made (recorded) or found (duplicate, conflict),
+    the account's totals right after the event, and for a refusal its reason code and text."""
+
+    status: EventStatus
+    record: UsageRecord | None
+    balance: int
+    reserved: int
+    refusal_code: str | None = None
+    refusal_detail: str | None = None
+
+
+def usage_event(
+    organization_id: str,
+    category: str,
+    quantity: int,
+    unit_cost: int,
+    reference_id: str,
+    metadata: dict[str, Any] | None = None,
+) -> UsageEvent:
+    """Validate one event as a single record would; InvalidRequest names what is wrong."""
+    if category not in CATEGORIES:
+        raise InvalidRequest(f"category must be one of {', '.join(CATEGORIES)}")
+    for name, value, low in (("quantity", quantity, 1), ("unitCost", unit_cost, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidRequest(f"{name} must be an integer >= {low}")
+    if quantity * unit_cost > INT64_MAX:
+        raise InvalidRequest("quantity x unitCost is too large")
+    encoded = json.dumps(metadata, sort_keys=True) if metadata else None
+    if encoded is not None and len(encoded.encode()) > MAX_METADATA_BYTES:
+        raise InvalidRequest(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+    return UsageEvent(organization_id, category, quantity, unit_cost, reference_id, encoded)
 
 
 def record_usage(
@@ -38,48 +120,221 @@ def record_usage(
     A repeat with the same reference returns the first record; with different numbers it is a
     409, because silently returning the first result would hide a caller's bug.
     """
-    if category not in CATEGORIES:
-        raise InvalidRequest(f"category must be one of {', '.join(CATEGORIES)}")
-    for name, value, low in (("quantity", quantity, 1), ("unitCost", unit_cost, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidRequest(f"{name} must be an integer >= {low}")
-    cost = quantity * unit_cost
-    if cost > INT64_MAX:
-        raise InvalidRequest("quantity x unitCost is too large")
-    encoded = json.dumps(metadata, sort_keys=True) if metadata else None
-    if encoded is not None and len(encoded.encode()) > MAX_METADATA_BYTES:
-        raise InvalidRequest(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
+    event = usage_event(organization_id, category, quantity, unit_cost, reference_id, metadata)
+    (outcome,) = record_usage_batch([event], overdraft)
+    if outcome.status is EventStatus.conflict:
+        raise Conflict("this usage reference was recorded with other values")
+    if outcome.status is EventStatus.refused:
+        raise PaymentRequired(outcome.refusal_detail or "payment required")
+    assert outcome.record is not None
+    return RecordedUsage(
+        outcome.record,
+        outcome.balance,
+        outcome.reserved,
+        outcome.status is EventStatus.duplicate,
+    )
+
+
+def _same_values(record: UsageRecord, event: UsageEvent) -> bool:
+    return (record.category, record.quantity, record.unit_cost) == (
+        event.category,
+        event.quantity,
+        event.unit_cost,
+    )
+
+
+def _lock_accounts(organization_ids: set[str]) -> dict[str, BillingAccount]:
+    """Lock every account of the batch in organization-id order, in one statement."""
+    ordered = sorted(organization_ids)
+    accounts = {
+        account.organization_id: account
+        for account in locked(
+            BillingAccount.select()
+            .where(BillingAccount.organization.in_(ordered))
+            .order_by(BillingAccount.organization)
+        )
+    }
+    if len(accounts) != len(ordered):
+        raise NotFound("organization not found")
+    return accounts
+
+
+def _recorded_before(events: Sequence[UsageEvent]) -> dict[tuple[str, str], UsageRecord]:
+    """The records already made under the batch's (organization, reference) pairs."""
+    wanted = {(e.organization_id, e.reference_id) for e in events}
+    if len(events) == 1:
+        where = (UsageRecord.organization == events[0].organization_id) & (
+            UsageRecord.reference_id == events[0].reference_id
+        )
+    else:
+        where = UsageRecord.organization.in_({o for o, _ in wanted}) & (
+            UsageRecord.reference_id.in_({r for _, r in wanted})
+        )
+    found: dict[tuple[str, str], UsageRecord] = {}
+    for record in UsageRecord.select().where(where):
+        key = (record.organization_id, record.reference_id)
+        if key in wanted:
+            found[key] = record
+    return found
+
+
+def record_usage_batch(events: Sequence[UsageEvent], overdraft: int = 0) -> list[EventOutcome]:
+    """Apply validated events in order, in one transaction; one outcome per event.
+
+    An unknown organization makes the whole batch a NotFound (nothing is written).
+    """
+    if not events:
+        return []
+    outcomes: list[EventOutcome] = []
     with write_transaction():
-        account = lock_account(organization_id)
-        existing = UsageRecord.get_or_none(
-            (UsageRecord.organization == organization_id)
-            & (UsageRecord.reference_id == reference_id)
-        )
-        if existing is not None:
-            if (existing.category, existing.quantity, existing.unit_cost) != (
-                category,
-                quantity,
-                unit_cost,
-            ):
-                raise Conflict("this usage reference was recorded with other values")
-            return RecordedUsage(existing, account.credits_balance, account.reserved_credits, True)
-        entry = debit_locked(
-            account,
-            cost,
-            "charge",
-            f"usage: {category}",
-            reference_id,
-            f"usage:{organization_id}:{reference_id}",
-            overdraft,
-        )
-        record = UsageRecord.create(
-            organization=organization_id,
-            category=category,
-            quantity=quantity,
-            unit_cost=unit_cost,
-            cost=cost,
-            reference_id=reference_id,
-            metadata=encoded,
-            credit_entry=entry,
-        )
-        return RecordedUsage(record, account.credits_balance, account.reserved_credits, False)
+        accounts = _lock_accounts({e.organization_id for e in events})
+        known = _recorded_before(events)
+        now = utcnow()
+        day = day_key(now)
+        new_records: list[tuple[UsageRecord, UsageEvent]] = []
+        entry_rows: list[dict[str, Any]] = []
+        for event in events:
+            account = accounts[event.organization_id]
+            first = known.get((event.organization_id, event.reference_id))
+            if first is not None:
+                status = (
+                    EventStatus.duplicate if _same_values(first, event) else EventStatus.conflict
+                )
+                outcomes.append(
+                    EventOutcome(status, first, account.credits_balance, account.reserved_credits)
+                )
+                continue
+            refusal = ledger.spend_refusal(account, event.cost, overdraft)
+            if refusal is not None:
+                outcomes.append(
+                    EventOutcome(
+                        EventStatus.refused,
+                        None,
+                        account.credits_balance,
+                        account.reserved_credits,
+                        refusal[0],
+                        refusal[1],
+                    )
+                )
+                continue
+            balance_after = ledger.apply_to_account(account, "charge", -event.cost, now)
+            entry_rows.append(
+                {
+                    "organization": event.organization_id,
+                    "entry_type": "charge",
+                    "amount": -event.cost,
+                    "reason": f"usage: {event.category}",
+                    "reference_id": event.reference_id,
+                    "idempotency_ref": f"usage:{event.organization_id}:{event.reference_id}",
+                    "balance_after": balance_after,
+                    "created_at": now,
+                }
+            )
+            record = UsageRecord(
+                organization=event.organization_id,
+                category=event.category,
+                quantity=event.quantity,
+                unit_cost=event.unit_cost,
+                cost=event.cost,
+                reference_id=event.reference_id,
+                metadata=event.metadata,
+                created_at=now,
+            )
+            known[(event.organization_id, event.reference_id)] = record
+            new_records.append((record, event))
+            outcomes.append(
+                EventOutcome(EventStatus.recorded, record, balance_after, account.reserved_credits)
+            )
+        if new_records:
+            _write(accounts, entry_rows, new_records, day)
+    return outcomes
+
+
+def _write(
+    accounts: dict[str, BillingAccount],
+    entry_rows: list[dict[str, Any]],
+    new_records: list[tuple[UsageRecord, UsageEvent]],
+    day: str,
+) -> None:
+    """Write the batch's effects: four multi-row statements (plus auto-recharge's own)."""
+    entry_ids = {
+        row.idempotency_ref: row.id
+        for row in CreditEntry.insert_many(entry_rows)
+        .returning(CreditEntry.id, CreditEntry.idempotency_ref)
+        .objects()
+        .execute()
+    }
+    for record, event in new_records:
+        record.credit_entry = entry_ids[f"usage:{event.organization_id}:{event.reference_id}"]
+    record_rows = [
+        {
+            "organization": r.organization_id,
+            "category": r.category,
+            "quantity": r.quantity,
+            "unit_cost": r.unit_cost,
+            "cost": r.cost,
+            "reference_id": r.reference_id,
+            "metadata": r.metadata,
+            "credit_entry": r.credit_entry_id,
+            "created_at": r.created_at,
+        }
+        for r, _ in new_records
+    ]
+    record_ids = {
+        (row.organization_id, row.reference_id): row.id
+        for row in UsageRecord.insert_many(record_rows)
+        .returning(UsageRecord.id, UsageRecord.organization, UsageRecord.reference_id)
+        .objects()
+        .execute()
+    }
+    for record, _ in new_records:
+        record.id = record_ids[(record.organization_id, record.reference_id)]
+    _add_to_rollups(new_records, day)
+    touched = {r.organization_id for r, _ in new_records}
+    _save_totals([accounts[o] for o in sorted(touched)])
+    LEDGER_ENTRIES.labels("charge").inc(len(entry_rows))
+    for organization_id in sorted(touched):
+        ledger.after_spending(accounts[organization_id])
+
+
+def _add_to_rollups(new_records: list[tuple[UsageRecord, UsageEvent]], day: str) -> None:
+    """Add the batch to its day's (organization, category) rollups: one upsert."""
+    sums: dict[tuple[str, str], list[int]] = {}
+    for record, _ in new_records:
+        total = sums.setdefault((record.organization_id, record.category), [0, 0, 0])
+        total[0] += record.quantity
+        total[1] += record.cost
+        total[2] += 1
+    rows = [
+        {
+            "organization": organization_id,
+            "category": category,
+            "day": day,
+            "quantity": quantity,
+            "cost": cost,
+            "events": count,
+        }
+        for (organization_id, category), (quantity, cost, count) in sorted(sums.items())
+    ]
+    R = UsageDailyRollup
+    R.insert_many(rows).on_conflict(
+        conflict_target=[R.organization, R.category, R.day],
+        update={
+            R.quantity: R.quantity + EXCLUDED.quantity,
+            R.cost: R.cost + EXCLUDED.cost,
+            R.events: R.events + EXCLUDED.events,
+        },
+    ).execute()
+
+
+def _save_totals(accounts: list[BillingAccount]) -> None:
+    """Write the locked accounts' new totals (`ledger.ACCOUNT_TOTALS`) in one UPDATE."""
+    if len(accounts) == 1:
+        accounts[0].save(only=ledger.ACCOUNT_TOTALS)
+        return
+    key = BillingAccount.organization
+    values = {
+        field: Case(key, [(a.organization_id, getattr(a, field.name)) for a in accounts])
+        for field in ledger.ACCOUNT_TOTALS
+    }
+    BillingAccount.update(values).where(key.in_([a.organization_id for a in accounts])).execute()

@@ -77,6 +77,10 @@ class BillingAccount(BaseModel):
     subscription_state_at = peewee.BigIntegerField(null=True)
     welcome_credit_granted_at = peewee.DateTimeField(null=True)
     auto_recharge_disabled_reason = peewee.CharField(max_length=500, null=True)
+    # Spend (charges) in the UTC month `spend_month` ('YYYY-MM'), kept by the ledger in each
+    # charge's own transaction; another month than the current one means 0 spent so far.
+    spend_month = peewee.CharField(max_length=7, null=True)
+    month_spend = peewee.BigIntegerField(default=0)
 
     class Meta:
         table_name = "billing_accounts"
@@ -214,6 +218,24 @@ class WebhookEvent(BaseModel):
         table_name = "webhook_events"
 
 
+class UsageDailyRollup(BaseModel):
+    """Usage of one (organization, category) on one UTC day ('YYYY-MM-DD'), kept in the same
+    transaction as each usage record, so a summary reads days instead of events."""
+
+    id = peewee.BigAutoField()
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str  # the raw foreign key, readable without a query
+    category = peewee.CharField(max_length=32)
+    day = peewee.CharField(max_length=10)
+    quantity = peewee.BigIntegerField()
+    cost = peewee.BigIntegerField()
+    events = peewee.BigIntegerField()
+
+    class Meta:
+        table_name = "usage_daily_rollups"
+        indexes = ((("organization", "category", "day"), True),)
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     Organization,
     Membership,
@@ -226,4 +248,5 @@ ALL_MODELS: list[type[BaseModel]] = [
     IdempotencyRecord,
     CheckoutSession,
     WebhookEvent,
+    UsageDailyRollup,
 ]

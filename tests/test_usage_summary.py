@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from billing import ledger, metering
-from models import UsageRecord, database, utcnow
+from models import database, utcnow
 
 
 def url(org_id: str) -> str:
@@ -15,16 +15,16 @@ def url(org_id: str) -> str:
 
 
 @pytest.fixture
-def usage(org):
+def usage(org, monkeypatch):
     with database.connection_context():
         ledger.grant(org.id, 10**9, "adjustment", "seed")
+        # Recorded in January 2020 (record, entry and daily rollup alike), before the others.
+        with monkeypatch.context() as m:
+            m.setattr(metering, "utcnow", lambda: dt.datetime(2020, 1, 15))
+            metering.record_usage(org.id, "api_call", 7, 1, "u-old")
         metering.record_usage(org.id, "api_call", 3, 100, "u1")
         metering.record_usage(org.id, "api_call", 2, 100, "u2")
         metering.record_usage(org.id, "workflow_execution", 1, 999, "u3")
-        old = metering.record_usage(org.id, "api_call", 7, 1, "u-old").record
-        UsageRecord.update(created_at=dt.datetime(2020, 1, 15)).where(
-            UsageRecord.id == old.id
-        ).execute()
     return org
 
 
