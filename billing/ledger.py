@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from peewee import Field
+
 from billing.accounts import lock_account
 from billing.config import get_settings
 from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
@@ -93,7 +95,7 @@ def _append(
 
 
 # The account columns an entry moves (`_append` and batch ingestion write exactly these).
-ACCOUNT_TOTALS = [
+ACCOUNT_TOTALS: list[Field] = [
     BillingAccount.credits_balance,
     BillingAccount.spend_month,
     BillingAccount.month_spend,

@@ -38,6 +38,7 @@ from models import (
 
 MAX_METADATA_BYTES = 4096
 MAX_BATCH_EVENTS = 1000
+CONFLICT_DETAIL = "this usage reference was recorded with other values"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,28 @@ def usage_event(
     return UsageEvent(organization_id, category, quantity, unit_cost, reference_id, encoded)
 
 
+def usage_events(items: Sequence[dict[str, Any]]) -> list[UsageEvent]:
+    """Validate a batch's events (wire names); the first invalid one rejects the batch."""
+    if len(items) > MAX_BATCH_EVENTS:
+        raise InvalidRequest(f"a batch holds at most {MAX_BATCH_EVENTS} events")
+    events = []
+    for index, item in enumerate(items):
+        try:
+            events.append(
+                usage_event(
+                    str(item["organizationId"]).lower(),
+                    item["category"],
+                    item["quantity"],
+                    item["unitCostDecimillicents"],
+                    item["referenceId"],
+                    item.get("metadata"),
+                )
+            )
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"events[{index}]: {exc.detail}") from None
+    return events
+
+
 def record_usage(
     organization_id: str,
     category: str,
@@ -123,7 +146,7 @@ def record_usage(
     event = usage_event(organization_id, category, quantity, unit_cost, reference_id, metadata)
     (outcome,) = record_usage_batch([event], overdraft)
     if outcome.status is EventStatus.conflict:
-        raise Conflict("this usage reference was recorded with other values")
+        raise Conflict(CONFLICT_DETAIL)
     if outcome.status is EventStatus.refused:
         raise PaymentRequired(outcome.refusal_detail or "payment required")
     assert outcome.record is not None
@@ -197,11 +220,15 @@ def record_usage_batch(events: Sequence[UsageEvent], overdraft: int = 0) -> list
             account = accounts[event.organization_id]
             first = known.get((event.organization_id, event.reference_id))
             if first is not None:
-                status = (
-                    EventStatus.duplicate if _same_values(first, event) else EventStatus.conflict
-                )
+                same = _same_values(first, event)
                 outcomes.append(
-                    EventOutcome(status, first, account.credits_balance, account.reserved_credits)
+                    EventOutcome(
+                        EventStatus.duplicate if same else EventStatus.conflict,
+                        first,
+                        account.credits_balance,
+                        account.reserved_credits,
+                        refusal_detail=None if same else CONFLICT_DETAIL,
+                    )
                 )
                 continue
             refusal = ledger.spend_refusal(account, event.cost, overdraft)
@@ -257,34 +284,35 @@ def _write(
     day: str,
 ) -> None:
     """Write the batch's effects: four multi-row statements (plus auto-recharge's own)."""
-    entry_ids = {
-        row.idempotency_ref: row.id
-        for row in CreditEntry.insert_many(entry_rows)
+    entry_ids = dict(
+        (ref, entry_id)
+        for entry_id, ref in CreditEntry.insert_many(entry_rows)
         .returning(CreditEntry.id, CreditEntry.idempotency_ref)
-        .objects()
+        .tuples()
         .execute()
-    }
+    )
+    record_rows = []
     for record, event in new_records:
-        record.credit_entry = entry_ids[f"usage:{event.organization_id}:{event.reference_id}"]
-    record_rows = [
-        {
-            "organization": r.organization_id,
-            "category": r.category,
-            "quantity": r.quantity,
-            "unit_cost": r.unit_cost,
-            "cost": r.cost,
-            "reference_id": r.reference_id,
-            "metadata": r.metadata,
-            "credit_entry": r.credit_entry_id,
-            "created_at": r.created_at,
-        }
-        for r, _ in new_records
-    ]
+        entry_id = entry_ids[f"usage:{event.organization_id}:{event.reference_id}"]
+        record.credit_entry = entry_id
+        record_rows.append(
+            {
+                "organization": record.organization_id,
+                "category": record.category,
+                "quantity": record.quantity,
+                "unit_cost": record.unit_cost,
+                "cost": record.cost,
+                "reference_id": record.reference_id,
+                "metadata": record.metadata,
+                "credit_entry": entry_id,
+                "created_at": record.created_at,
+            }
+        )
     record_ids = {
-        (row.organization_id, row.reference_id): row.id
-        for row in UsageRecord.insert_many(record_rows)
+        (organization_id, reference_id): record_id
+        for record_id, organization_id, reference_id in UsageRecord.insert_many(record_rows)
         .returning(UsageRecord.id, UsageRecord.organization, UsageRecord.reference_id)
-        .objects()
+        .tuples()
         .execute()
     }
     for record, _ in new_records:
