@@ -13,15 +13,17 @@ the ledger or the usage records, so a debit costs the same with ten entries or a
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from peewee import EXCLUDED, Case
 
-from billing import ledger
+from billing import ledger, metering_sql
+from billing.accounts import lock_account
 from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
 from billing.metrics import LEDGER_ENTRIES
 from billing.units import INT64_MAX
@@ -31,6 +33,7 @@ from models import (
     CreditEntry,
     UsageDailyRollup,
     UsageRecord,
+    is_postgres,
     locked,
     utcnow,
     write_transaction,
@@ -169,6 +172,8 @@ def _same_values(record: UsageRecord, event: UsageEvent) -> bool:
 def _lock_accounts(organization_ids: set[str]) -> dict[str, BillingAccount]:
     """Lock every account of the batch in organization-id order, in one statement."""
     ordered = sorted(organization_ids)
+    if len(ordered) == 1:
+        return {ordered[0]: lock_account(ordered[0])}
     accounts = {
         account.organization_id: account
         for account in locked(
@@ -182,19 +187,28 @@ def _lock_accounts(organization_ids: set[str]) -> dict[str, BillingAccount]:
     return accounts
 
 
+@functools.cache
+def _one_record_sql() -> str:
+    """SELECT the record of one (organization, reference); those two parameters."""
+    query = UsageRecord.select().where(
+        (UsageRecord.organization == "") & (UsageRecord.reference_id == "")
+    )
+    return str(query.sql()[0])
+
+
 def _recorded_before(events: Sequence[UsageEvent]) -> dict[tuple[str, str], UsageRecord]:
     """The records already made under the batch's (organization, reference) pairs."""
     wanted = {(e.organization_id, e.reference_id) for e in events}
+    records: Iterable[UsageRecord]
     if len(events) == 1:
-        where = (UsageRecord.organization == events[0].organization_id) & (
-            UsageRecord.reference_id == events[0].reference_id
-        )
+        records = UsageRecord.raw(_one_record_sql(), *next(iter(wanted)))
     else:
-        where = UsageRecord.organization.in_({o for o, _ in wanted}) & (
-            UsageRecord.reference_id.in_({r for _, r in wanted})
+        records = UsageRecord.select().where(
+            UsageRecord.organization.in_({o for o, _ in wanted})
+            & UsageRecord.reference_id.in_({r for _, r in wanted})
         )
     found: dict[tuple[str, str], UsageRecord] = {}
-    for record in UsageRecord.select().where(where):
+    for record in records:
         key = (record.organization_id, record.reference_id)
         if key in wanted:
             found[key] = record
@@ -283,7 +297,48 @@ def _write(
     new_records: list[tuple[UsageRecord, UsageEvent]],
     day: str,
 ) -> None:
-    """Write the batch's effects: four multi-row statements (plus auto-recharge's own)."""
+    """Write the batch's effects: one statement on PostgreSQL (metering_sql), four multi-row
+    statements on SQLite; then what follows spending (auto-recharge) per account."""
+    touched = [accounts[o] for o in sorted({r.organization_id for r, _ in new_records})]
+    if is_postgres():
+        ids = metering_sql.write_usage(
+            [
+                (
+                    r.organization_id,
+                    r.category,
+                    r.quantity,
+                    r.unit_cost,
+                    r.cost,
+                    r.reference_id,
+                    r.metadata,
+                    row["idempotency_ref"],
+                    row["reason"],
+                    row["balance_after"],
+                )
+                for (r, _), row in zip(new_records, entry_rows, strict=True)
+            ],
+            [(o, c, day, q, cost, n) for (o, c), (q, cost, n) in _rollup_sums(new_records)],
+            touched,
+            entry_rows[0]["created_at"],
+        )
+        for record, _ in new_records:
+            entry_id: Any  # the raw id: Peewee loads the entry only if someone asks for it
+            record.id, entry_id = ids[(record.organization_id, record.reference_id)]
+            record.credit_entry = entry_id
+    else:
+        _write_each(entry_rows, new_records, day)
+        _save_totals(touched)
+    LEDGER_ENTRIES.labels("charge").inc(len(entry_rows))
+    for account in touched:
+        ledger.after_spending(account)
+
+
+def _write_each(
+    entry_rows: list[dict[str, Any]],
+    new_records: list[tuple[UsageRecord, UsageEvent]],
+    day: str,
+) -> None:
+    """The batch's entries, records and rollups as three multi-row statements."""
     entry_ids = dict(
         (ref, entry_id)
         for entry_id, ref in CreditEntry.insert_many(entry_rows)
@@ -318,21 +373,22 @@ def _write(
     for record, _ in new_records:
         record.id = record_ids[(record.organization_id, record.reference_id)]
     _add_to_rollups(new_records, day)
-    touched = {r.organization_id for r, _ in new_records}
-    _save_totals([accounts[o] for o in sorted(touched)])
-    LEDGER_ENTRIES.labels("charge").inc(len(entry_rows))
-    for organization_id in sorted(touched):
-        ledger.after_spending(accounts[organization_id])
+
+
+def _rollup_sums(
+    new_records: list[tuple[UsageRecord, UsageEvent]],
+) -> list[tuple[tuple[str, str], tuple[int, int, int]]]:
+    """(organization, category) -> (quantity, cost, events) of the batch, in key order."""
+    sums: dict[tuple[str, str], tuple[int, int, int]] = {}
+    for record, _ in new_records:
+        key = (record.organization_id, record.category)
+        quantity, cost, count = sums.get(key, (0, 0, 0))
+        sums[key] = (quantity + record.quantity, cost + record.cost, count + 1)
+    return sorted(sums.items())
 
 
 def _add_to_rollups(new_records: list[tuple[UsageRecord, UsageEvent]], day: str) -> None:
     """Add the batch to its day's (organization, category) rollups: one upsert."""
-    sums: dict[tuple[str, str], list[int]] = {}
-    for record, _ in new_records:
-        total = sums.setdefault((record.organization_id, record.category), [0, 0, 0])
-        total[0] += record.quantity
-        total[1] += record.cost
-        total[2] += 1
     rows = [
         {
             "organization": organization_id,
@@ -342,7 +398,7 @@ def _add_to_rollups(new_records: list[tuple[UsageRecord, UsageEvent]], day: str)
             "cost": cost,
             "events": count,
         }
-        for (organization_id, category), (quantity, cost, count) in sorted(sums.items())
+        for (organization_id, category), (quantity, cost, count) in _rollup_sums(new_records)
     ]
     R = UsageDailyRollup
     R.insert_many(rows).on_conflict(
