@@ -40,7 +40,7 @@ from playhouse.pool import PooledDatabase
 
 from billing import ledger
 from billing.organizations import create_organization
-from models import BillingAccount, connect_database, database, utcnow
+from models import BillingAccount, connect_database, connection, database, utcnow
 from models.migrate import migrate
 from scripts.local_server import LocalServer, postgres_database
 
@@ -144,7 +144,7 @@ def bench_floor(targets: list[tuple[str, str]], debits: int, threads: int) -> No
             floor_rate = _threads(at_floor, threads, debits)
 
             def ours(i: int, ids: list[str] = ids) -> None:
-                with database.connection_context():
+                with connection():  # the app's per-request connection (kept open on SQLite)
                     ledger.debit(ids[i % len(ids)], 1)
 
             ours_rate = _threads(ours, threads, debits)
@@ -195,7 +195,7 @@ def bench_cap(targets: list[tuple[str, str]], debits: int) -> None:
                     database.execute_sql("ANALYZE credit_entries")
 
             def one(_i: int, org_id: str = org_id) -> None:
-                with database.connection_context():
+                with connection():
                     ledger.debit(org_id, 1)
 
             rate = _threads(one, 1, debits)
