@@ -9,10 +9,12 @@ import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import connexion
 import yaml
+from connexion.apps.asynchronous import AsyncApi, AsyncOperation
+from connexion.decorators import StarletteDecorator
 from connexion.middleware import MiddlewarePosition
 from connexion.resolver import Resolution, Resolver
 from starlette.exceptions import HTTPException
@@ -67,6 +69,36 @@ class BillingResolver(Resolver):
         return with_connection
 
 
+class PrebuiltDecorator(StarletteDecorator):
+    """Connexion rebuilds an operation's decorator chain (parameter and response decorators,
+    with an `inspect.signature` of the handler) on every request. The chain depends only on the
+    handler (the request and operation come from context at call time), so build it once."""
+
+    _chains: ClassVar[dict[Callable[..., Any], Callable[..., Any]]] = {}
+
+    def decorate(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        chain = self._chains.get(function)
+        if chain is None:
+            chain = self._chains[function] = super().decorate(function)
+        return chain
+
+
+class PrebuiltOperation(AsyncOperation):
+    @functools.cached_property
+    def fn(self) -> Callable[..., Any]:
+        decorator = PrebuiltDecorator(
+            pythonic_params=self.pythonic_params, jsonifier=self.jsonifier
+        )
+        return decorator(self._fn)
+
+
+class PrebuiltApi(AsyncApi):
+    def make_operation(self, operation: Any) -> AsyncOperation:
+        return PrebuiltOperation.from_operation(
+            operation, pythonic_params=self.pythonic_params, jsonifier=self.jsonifier
+        )
+
+
 def local_worker_lifespan(settings: Settings) -> Callable[[Any], Any]:
     """In local billing mode each server process drains the auto-recharge outbox itself, so
     auto-recharge works with no second command (production runs `scripts.worker`)."""
@@ -102,6 +134,8 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
         specification_dir=str(SPEC_PATH.parent),
         lifespan=local_worker_lifespan(settings),
     )
+    # Connexion builds its operations through this class (no public hook for it).
+    app._middleware_app.api_cls = PrebuiltApi
     app.add_api(
         SPEC_PATH.name,
         resolver=BillingResolver(),

@@ -1,7 +1,11 @@
-"""Connexion's JSON body validator, hardened: any body Python cannot parse is a 400.
+"""Connexion's request validators, hardened and built once.
 
-Connexion turns only JSONDecodeError into a 400; invalid UTF-8, numbers longer than Python's
-4,300-digit limit and hostile nesting (RecursionError) escaped as 500s.
+Hardened: Connexion turns only JSONDecodeError into a 400; invalid UTF-8, numbers longer than
+Python's 4,300-digit limit and hostile nesting (RecursionError) escaped as 500s.
+
+Built once: Connexion compiles a jsonschema validator for the body, and deep-copies and compiles
+one for every parameter, on every request. The schemas are the spec's own dicts, alive as long
+as the app, so each compiled validator is kept by the identity of its schema.
 """
 
 from __future__ import annotations
@@ -10,11 +14,55 @@ import typing as t
 
 from connexion.datastructures import MediaTypeDict
 from connexion.exceptions import BadRequestProblem
-from connexion.validators import VALIDATOR_MAP, JSONRequestBodyValidator
+from connexion.json_schema import Draft4RequestValidator
+from connexion.utils import is_null, is_nullable
+from connexion.validators import VALIDATOR_MAP, JSONRequestBodyValidator, ParameterValidator
+from jsonschema import Draft4Validator, ValidationError
 from starlette.types import Scope
+
+# id(schema) -> (schema, its compiled validator); the schema is kept so its id stays its own.
+_COMPILED: dict[int, tuple[t.Any, t.Any]] = {}
+
+
+def _compiled(schema: t.Any, build: t.Callable[[], t.Any]) -> t.Any:
+    hit = _COMPILED.get(id(schema))
+    if hit is None or hit[0] is not schema:
+        hit = _COMPILED[id(schema)] = (schema, build())
+    return hit[1]
+
+
+class CompiledParameterValidator(ParameterValidator):
+    """Connexion's parameter validation with each parameter's validator compiled once."""
+
+    @staticmethod
+    def validate_parameter(parameter_type, value, param, param_name=None):
+        if is_nullable(param) and is_null(value):
+            return None
+        if value is not None:
+            schema = param.get("schema", param)
+            validator = _compiled(
+                schema,
+                lambda: Draft4Validator(schema, format_checker=Draft4Validator.FORMAT_CHECKER),
+            )
+            try:
+                validator.validate(value)
+            except ValidationError as exception:
+                return str(exception)
+            return None
+        if param.get("required"):
+            return f"Missing {parameter_type} parameter '{param['name']}'"
+        return None
 
 
 class StrictJSONRequestBodyValidator(JSONRequestBodyValidator):
+    @property
+    def _validator(self) -> t.Any:
+        schema = self._schema
+        return _compiled(
+            schema,
+            lambda: Draft4RequestValidator(schema, format_checker=Draft4Validator.FORMAT_CHECKER),
+        )
+
     async def _parse(self, stream: t.AsyncGenerator[bytes, None], scope: Scope) -> t.Any:
         try:
             return await super()._parse(stream, scope)
@@ -30,5 +78,6 @@ class StrictJSONRequestBodyValidator(JSONRequestBodyValidator):
 
 VALIDATORS = {
     **VALIDATOR_MAP,
+    "parameter": CompiledParameterValidator,
     "body": MediaTypeDict({**VALIDATOR_MAP["body"], "*/*json": StrictJSONRequestBodyValidator}),
 }
