@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import peewee
 import pytest
 
-from billing import ledger
+from billing import ledger, metering
 from billing.config import get_settings
 from billing.stripe_gateway import get_gateway
 from billing.units import CENT
@@ -77,12 +77,13 @@ def test_stripe_timeout_is_a_clear_problem(client, org, retrying):
 def test_database_failure_mid_transaction_leaves_nothing(client, org, monkeypatch):
     with database.connection_context():
         ledger.grant(org.id, 1000, "top_up", "seed")
-    real_create = CreditEntry.create
+    real_write = metering._write
 
-    def fail_after_lock(**kwargs):
+    def fail_after_writing(*args, **kwargs):
+        real_write(*args, **kwargs)  # the rows are written inside the transaction, then it dies
         raise peewee.OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(CreditEntry, "create", fail_after_lock)
+    monkeypatch.setattr(metering, "_write", fail_after_writing)
     usage = {
         "category": "api_call",
         "quantity": 1,
@@ -93,7 +94,7 @@ def test_database_failure_mid_transaction_leaves_nothing(client, org, monkeypatc
         f"/v1/service/organizations/{org.id}/usage", json=usage, headers=SERVICE_HEADERS
     )
     assert r.status_code == 500 and "database" in r.json()["detail"]
-    monkeypatch.setattr(CreditEntry, "create", real_create)
+    monkeypatch.setattr(metering, "_write", real_write)
     with database.connection_context():
         account = assert_ledger_invariants(org.id)
         assert account.credits_balance == 1000
