@@ -223,10 +223,22 @@ def _recorded_before(events: Sequence[UsageEvent]) -> dict[tuple[str, str], Usag
     records: Iterable[UsageRecord]
     if len(events) == 1:
         records = UsageRecord.raw(_one_record_sql(), *next(iter(wanted)))
+    elif is_postgres():
+        # Pairs joined by the (organization, reference) index: one probe per event, never a
+        # scan that would grow with the table (two IN lists may be planned as one).
+        organizations, references = zip(*sorted(wanted), strict=True)
+        records = UsageRecord.raw(
+            "SELECT u.* FROM unnest(%s::varchar[], %s::varchar[]) AS k (org, ref) "
+            "JOIN usage_records u ON u.organization_id = k.org AND u.reference_id = k.ref",
+            list(organizations),
+            list(references),
+        )
     else:
-        records = UsageRecord.select().where(
-            UsageRecord.organization.in_({o for o, _ in wanted})
-            & UsageRecord.reference_id.in_({r for _, r in wanted})
+        pairs = sorted(wanted)
+        records = UsageRecord.raw(
+            "SELECT * FROM usage_records WHERE (organization_id, reference_id) IN "
+            f"(VALUES {', '.join(['(?, ?)'] * len(pairs))})",
+            *(value for pair in pairs for value in pair),
         )
     found: dict[tuple[str, str], UsageRecord] = {}
     for record in records:
