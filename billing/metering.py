@@ -236,8 +236,8 @@ def _recorded_before(events: Sequence[UsageEvent]) -> dict[tuple[str, str], Usag
     else:
         pairs = sorted(wanted)
         records = UsageRecord.raw(
-            "SELECT * FROM usage_records WHERE (organization_id, reference_id) IN "
-            f"(VALUES {', '.join(['(?, ?)'] * len(pairs))})",
+            f"SELECT u.* FROM (VALUES {', '.join(['(?, ?)'] * len(pairs))}) AS k "
+            "JOIN usage_records u ON u.organization_id = k.column1 AND u.reference_id = k.column2",
             *(value for pair in pairs for value in pair),
         )
     found: dict[tuple[str, str], UsageRecord] = {}
