@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -14,7 +15,7 @@ from billing.units import (
     CENT,
     INT64_MAX,
 )
-from models import BillingAccount, locked, utcnow, write_transaction
+from models import BillingAccount, is_postgres, utcnow, write_transaction
 
 # The same rule as the contract's pattern for billingEmail.
 EMAIL = re.compile(
@@ -48,12 +49,18 @@ def lock_account(organization_id: str) -> BillingAccount:
     PostgreSQL takes a row lock; SQLite has none, and needs none, as `write_transaction`
     already holds its database-wide writer lock.
     """
-    account = locked(
-        BillingAccount.select().where(BillingAccount.organization == organization_id)
-    ).get_or_none()
-    if account is None:
+    found = list(BillingAccount.raw(_lock_sql(is_postgres()), organization_id))
+    if not found:
         raise NotFound("organization not found")
-    return account
+    return found[0]
+
+
+@functools.cache
+def _lock_sql(postgres: bool) -> str:
+    """lock_account's statement, rendered once: it runs on every debit (Peewee would rebuild
+    the same SELECT ... FOR UPDATE each time)."""
+    query = BillingAccount.select().where(BillingAccount.organization == "")
+    return str((query.for_update() if postgres else query).sql()[0])
 
 
 def _validate(changes: dict[str, Any]) -> None:

@@ -7,7 +7,10 @@ Rules kept here, in one transaction per operation:
   never goes below minus the configured overdraft (0 by default) through a debit or reservation;
 - every operation that takes an `idempotency_ref` applies once: a repeat returns the first result;
 - spending is refused (402) while the organization is suspended, while a payment grace period
-  runs, or when it would take this period's spend past the usage cap.
+  runs, or when it would take this period's spend past the usage cap;
+- the account keeps the current UTC month's spend (`spend_month`, `month_spend`: the sum of the
+  month's `charge` entries) in every charge's own transaction, so the cap check reads the locked
+  row and no debit aggregates over the ledger (its cost does not grow with history).
 
 Concurrency: `write_transaction` + `lock_account` serialize writers per organization (row lock
 on PostgreSQL, the writer lock on SQLite), so no update is lost and no check is raced.
@@ -21,19 +24,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from peewee import fn
+from peewee import Field
 
 from billing import recharge_policy
 from billing.accounts import lock_account
 from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
 from billing.metrics import LEDGER_ENTRIES, LEDGER_REFUSALS
 from billing.units import INT64_MAX
-from billing.usage import current_month
 from models import (
     BillingAccount,
     CreditEntry,
     Reservation,
     after_rollback,
+    database,
+    is_postgres,
     utcnow,
     write_transaction,
 )
@@ -72,24 +76,99 @@ def _append(
     reference_id: str | None,
     idempotency_ref: str | None,
 ) -> CreditEntry:
-    """Append one entry to a locked account and move its balance with it."""
-    balance_after = account.credits_balance + amount
-    if not -INT64_MAX <= balance_after <= INT64_MAX:
-        raise InvalidRequest("the balance would overflow")
-    entry = CreditEntry.create(
+    """Append one entry to a locked account and move its balance (and, for spending, the
+    month's running spend) with it: one INSERT and one UPDATE, whatever the history."""
+    now = utcnow()
+    entry = CreditEntry(
         organization=account.organization_id,
         entry_type=entry_type,
         amount=amount,
         reason=reason,
         reference_id=reference_id,
         idempotency_ref=idempotency_ref,
-        balance_after=balance_after,
+        balance_after=apply_to_account(account, entry_type, amount, now),
+        created_at=now,
     )
-    account.credits_balance = balance_after
-    account.updated_at = utcnow()
-    account.save(only=[BillingAccount.credits_balance, BillingAccount.updated_at])
+    if is_postgres():
+        # One round trip under the lock instead of two (the SQL is written once, below).
+        (entry.id,) = database.execute_sql(
+            _APPEND_SQL,
+            (
+                account.organization_id,
+                entry_type,
+                amount,
+                reason,
+                reference_id,
+                idempotency_ref,
+                entry.balance_after,
+                now,
+                account.credits_balance,
+                account.spend_month,
+                account.month_spend,
+                now,
+                account.organization_id,
+            ),
+        ).fetchone()
+    else:
+        entry.save(force_insert=True)
+        account.save(only=ACCOUNT_TOTALS)
     LEDGER_ENTRIES.labels(entry_type).inc()
     return entry
+
+
+# `_append` on PostgreSQL: the entry INSERT and the account UPDATE as one statement.
+_APPEND_SQL = """
+WITH entry AS (
+    INSERT INTO credit_entries (organization_id, entry_type, amount, reason, reference_id,
+                                idempotency_ref, balance_after, created_at)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+    RETURNING id
+)
+UPDATE billing_accounts
+SET credits_balance = %s, spend_month = %s, month_spend = %s, updated_at = %s
+WHERE organization_id = %s
+RETURNING (SELECT id FROM entry)
+"""
+
+
+# The account columns an entry moves (`_append` and batch ingestion write exactly these).
+ACCOUNT_TOTALS: list[Field] = [
+    BillingAccount.credits_balance,
+    BillingAccount.spend_month,
+    BillingAccount.month_spend,
+    BillingAccount.updated_at,
+]
+
+
+def month_key(now: dt.datetime) -> str:
+    """The UTC month `now` falls in, as `spend_month` stores it ('YYYY-MM')."""
+    return f"{now.year:04d}-{now.month:02d}"
+
+
+def month_spend(account: BillingAccount, now: dt.datetime) -> int:
+    """Credits spent in the month of `now`, from the account row alone (no aggregate): the
+    running total counts only while its month is the current one."""
+    return account.month_spend if account.spend_month == month_key(now) else 0
+
+
+def apply_to_account(
+    account: BillingAccount, entry_type: str, amount: int, now: dt.datetime
+) -> int:
+    """Move a locked account's in-memory totals by one entry made at `now`; return the new
+    balance. The caller writes the row (the `ACCOUNT_TOTALS` columns) in the same transaction.
+    The first charge of a new month starts the month's spend from zero."""
+    balance_after = account.credits_balance + amount
+    if not -INT64_MAX <= balance_after <= INT64_MAX:
+        raise InvalidRequest("the balance would overflow")
+    if entry_type in SPEND_TYPES:
+        spent = month_spend(account, now) - amount
+        if spent > INT64_MAX:
+            raise InvalidRequest("the month's spend would overflow")
+        account.spend_month = month_key(now)
+        account.month_spend = spent
+    account.credits_balance = balance_after
+    account.updated_at = now
+    return balance_after
 
 
 def _replay(idempotency_ref: str | None, organization_id: str) -> CreditEntry | None:
@@ -115,31 +194,26 @@ def _result(account: BillingAccount, entry: CreditEntry | None, replayed: bool) 
     return LedgerResult(entry, account.credits_balance, account.reserved_credits, replayed)
 
 
-def period_spend(organization_id: str, now: dt.datetime) -> int:
-    """Credits spent in the current usage period (the UTC calendar month)."""
-    start, end = current_month(now)
-    total = (
-        CreditEntry.select(fn.COALESCE(fn.SUM(CreditEntry.amount), 0))
-        .where(
-            (CreditEntry.organization == organization_id)
-            & (CreditEntry.entry_type.in_(SPEND_TYPES))
-            & (CreditEntry.created_at >= start)
-            & (CreditEntry.created_at < end)
-        )
-        .scalar()
-    )
-    return -int(total)
-
-
 def check_can_spend(account: BillingAccount, amount: int, overdraft: int) -> None:
-    """Raise PaymentRequired if `amount` more may not be spent now. Needs the account lock."""
-    reason = _refusal(account, amount, overdraft)
+    """Raise PaymentRequired if `amount` more may not be spent now. Needs the account lock.
+
+    A refusal for lack of credit still asks for an auto-recharge, once the refused
+    transaction has rolled back (in a short transaction of its own)."""
+    reason = spend_refusal(account, amount, overdraft)
     if reason is not None:
-        LEDGER_REFUSALS.labels(reason[0]).inc()
         if reason[0] == "insufficient_credits":
             organization_id = account.organization_id
             after_rollback(lambda: recharge_policy.after_refusal(organization_id))
         raise PaymentRequired(reason[1])
+
+
+def spend_refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str, str] | None:
+    """Why `amount` more may not be spent now (reason code, message), counted; None if it may.
+    Needs the account lock; batch ingestion asks this per event instead of raising."""
+    reason = _refusal(account, amount, overdraft)
+    if reason is not None:
+        LEDGER_REFUSALS.labels(reason[0]).inc()
+    return reason
 
 
 def _refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str, str] | None:
@@ -148,13 +222,18 @@ def _refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str,
     if account.payment_grace_period_ends_at is not None:
         return "payment_failed", "a payment failed; update the payment method to continue"
     if account.usage_cap is not None:
-        spent = period_spend(account.organization_id, utcnow()) + account.reserved_credits
+        spent = month_spend(account, utcnow()) + account.reserved_credits
         if spent + amount > account.usage_cap:
             return "usage_cap", "this would exceed the usage cap for the current period"
     available = account.credits_balance - account.reserved_credits
     if available - amount < -overdraft:
         return "insufficient_credits", "not enough available credits"
     return None
+
+
+def after_spending(account: BillingAccount) -> None:
+    """What follows spending on a locked account (batch ingestion calls it once per account)."""
+    recharge_policy.request_if_due(account)
 
 
 def grant(

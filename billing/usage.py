@@ -10,7 +10,7 @@ from enum import StrEnum
 from peewee import fn
 
 from billing.errors import InvalidRequest
-from models import UsageRecord
+from models import UsageDailyRollup, UsageRecord
 
 
 class UsageCategory(StrEnum):
@@ -82,21 +82,67 @@ def resolve_period(
     return start, end
 
 
+def day_key(moment: dt.datetime) -> str:
+    """The UTC day `moment` falls in, as the rollups store it ('YYYY-MM-DD')."""
+    return f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+
+
+def _whole_days(start: dt.datetime, end: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
+    """The midnights [first, last) bounding the whole UTC days inside [start, end), if any."""
+    midnight = dt.datetime.combine(start.date(), dt.time())
+    try:
+        first = midnight if midnight == start else midnight + dt.timedelta(days=1)
+    except OverflowError:
+        return None
+    last = dt.datetime.combine(end.date(), dt.time())
+    return (first, last) if first < last else None
+
+
 def summarize_usage(
     organization_id: str, category: str, start: dt.datetime, end: dt.datetime
 ) -> UsageSummary:
+    """Totals over the half-open period [start, end), exact to the microsecond.
+
+    Whole UTC days inside the period come from the per-day rollups (`usage_daily_rollups`, kept
+    in each record's own transaction), one row per day; only the partial days at the edges (a
+    period that does not start or end at midnight) are summed from the records themselves, by
+    the (organization, category, created_at) index, so a call costs O(days) plus at most two
+    days' events, never the period's whole history. A period shorter than a whole day is read
+    from its records alone.
+    """
     if category not in CATEGORIES:
         raise InvalidRequest(f"category must be one of {', '.join(CATEGORIES)}")
-    quantity, cost = (
-        UsageRecord.select(
-            fn.COALESCE(fn.SUM(UsageRecord.quantity), 0), fn.COALESCE(fn.SUM(UsageRecord.cost), 0)
+    days = _whole_days(start, end)
+    in_category = (UsageRecord.organization == organization_id) & (UsageRecord.category == category)
+    if days is None:
+        edges = (UsageRecord.created_at >= start) & (UsageRecord.created_at < end)
+        quantity, cost = 0, 0
+    else:
+        first, last = days
+        edges = ((UsageRecord.created_at >= start) & (UsageRecord.created_at < first)) | (
+            (UsageRecord.created_at >= last) & (UsageRecord.created_at < end)
         )
-        .where(
-            (UsageRecord.organization == organization_id)
-            & (UsageRecord.category == category)
-            & (UsageRecord.created_at >= start)
-            & (UsageRecord.created_at < end)
+        quantity, cost = (
+            UsageDailyRollup.select(
+                fn.COALESCE(fn.SUM(UsageDailyRollup.quantity), 0),
+                fn.COALESCE(fn.SUM(UsageDailyRollup.cost), 0),
+            )
+            .where(
+                (UsageDailyRollup.organization == organization_id)
+                & (UsageDailyRollup.category == category)
+                & (UsageDailyRollup.day >= day_key(first))
+                & (UsageDailyRollup.day < day_key(last))
+            )
+            .scalar(as_tuple=True)
         )
-        .scalar(as_tuple=True)
-    )
+    if days is None or days != (start, end):
+        edge_quantity, edge_cost = (
+            UsageRecord.select(
+                fn.COALESCE(fn.SUM(UsageRecord.quantity), 0),
+                fn.COALESCE(fn.SUM(UsageRecord.cost), 0),
+            )
+            .where(in_category & edges)
+            .scalar(as_tuple=True)
+        )
+        quantity, cost = int(quantity) + int(edge_quantity), int(cost) + int(edge_cost)
     return UsageSummary(organization_id, category, start, end, int(quantity), int(cost))

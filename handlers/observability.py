@@ -1,7 +1,8 @@
 """Structured logs, access log, Prometheus metrics and health endpoints.
 
 Every log line is JSON with the request id (from X-Request-Id or generated). The access log is
-written here rather than by the server so it has the operation id and the request id. Metrics
+written by the app (handlers.middleware.EdgeMiddleware) rather than by the server so it has the
+operation id and the request id. Metrics
 aggregate across gunicorn workers when PROMETHEUS_MULTIPROC_DIR is set (gunicorn.conf.py does).
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,11 +23,9 @@ from prometheus_client import (
 from pythonjsonlogger.json import JsonFormatter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handlers.context import request_id
 from handlers.problems import problem_body
-from handlers.spec_index import SpecIndex
 from models import database
 
 access_log = logging.getLogger("billing.access")
@@ -72,53 +70,6 @@ def configure_logging(level: str) -> None:
 
 
 OPERATIONAL_PATHS = ("/healthz", "/readyz", "/metrics")
-
-
-class AccessLogMiddleware:
-    """One JSON line and the HTTP metrics per request, labelled by the contract's operationId
-    (a bounded label set: unknown paths are `unmatched`)."""
-
-    def __init__(self, app: ASGIApp, spec: SpecIndex) -> None:
-        self.app = app
-        self.spec = spec
-
-    def _operation(self, scope: Scope) -> str:
-        if scope["path"] in OPERATIONAL_PATHS:
-            return str(scope["path"])
-        return self.spec.operation_id(scope["method"], scope["path"]) or "unmatched"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            elapsed = time.perf_counter() - started
-            operation = self._operation(scope)
-            REQUESTS.labels(operation, scope["method"], str(status)).inc()
-            LATENCY.labels(operation).observe(elapsed)
-            if status >= 400:
-                ERRORS.labels(str(status)).inc()
-            access_log.info(
-                "request",
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "operation": operation,
-                    "duration_ms": round(elapsed * 1000, 2),
-                },
-            )
 
 
 def healthz(request: Request) -> Response:

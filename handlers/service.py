@@ -38,6 +38,12 @@ def record_usage(organization_id: str, body: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def record_usage_batch(body: dict[str, Any]) -> dict[str, Any]:
+    events = metering.usage_events(body["events"])
+    outcomes = metering.record_usage_batch(events, _overdraft())
+    return {"results": [shapes.batch_outcome(e, o) for e, o in zip(events, outcomes, strict=True)]}
+
+
 def create_reservation(organization_id: str, body: dict[str, Any]) -> dict[str, Any]:
     org = organization_id.lower()
     return run_once(

@@ -7,7 +7,7 @@ from typing import Any
 
 from billing.history import HistoryPage, wire_reason, wire_type
 from billing.ledger import ReservationResult
-from billing.metering import RecordedUsage
+from billing.metering import EventOutcome, EventStatus, RecordedUsage, UsageEvent
 from billing.operators import Adjustment
 from billing.plans import is_subscribed
 from billing.usage import UsageSummary
@@ -104,6 +104,26 @@ def recorded_usage(result: RecordedUsage) -> dict[str, Any]:
         "availableDecimillicents": result.balance - result.reserved,
         "replayed": result.replayed,
     }
+
+
+def batch_outcome(event: UsageEvent, outcome: EventOutcome) -> dict[str, Any]:
+    """One event's result; `usage` only where a record answers it (recorded, duplicate)."""
+    shown: dict[str, Any] = {
+        "status": outcome.status.value,
+        "organizationId": event.organization_id,
+        "referenceId": event.reference_id,
+        "reason": outcome.refusal_code,
+        "detail": outcome.refusal_detail,
+    }
+    if outcome.record is not None and outcome.status in (
+        EventStatus.recorded,
+        EventStatus.duplicate,
+    ):
+        replayed = outcome.status is EventStatus.duplicate
+        shown["usage"] = recorded_usage(
+            RecordedUsage(outcome.record, outcome.balance, outcome.reserved, replayed)
+        )
+    return shown
 
 
 def reservation(result: ReservationResult) -> dict[str, Any]:

@@ -80,6 +80,10 @@ class BillingAccount(BaseModel):
     auto_recharge_failure_count = peewee.IntegerField(default=0)
     # Why an operator suspended the organization (with `suspended_at`, the operator's hold).
     suspension_reason = peewee.CharField(max_length=500, null=True)
+    # Spend (charges) in the UTC month `spend_month` ('YYYY-MM'), kept by the ledger in each
+    # charge's own transaction; another month than the current one means 0 spent so far.
+    spend_month = peewee.CharField(max_length=7, null=True)
+    month_spend = peewee.BigIntegerField(default=0)
 
     class Meta:
         table_name = "billing_accounts"
@@ -243,6 +247,24 @@ class OperatorAction(BaseModel):
         table_name = "operator_actions"
 
 
+class UsageDailyRollup(BaseModel):
+    """Usage of one (organization, category) on one UTC day ('YYYY-MM-DD'), kept in the same
+    transaction as each usage record, so a summary reads days instead of events."""
+
+    id = peewee.BigAutoField()
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str  # the raw foreign key, readable without a query
+    category = peewee.CharField(max_length=32)
+    day = peewee.CharField(max_length=10)
+    quantity = peewee.BigIntegerField()
+    cost = peewee.BigIntegerField()
+    events = peewee.BigIntegerField()
+
+    class Meta:
+        table_name = "usage_daily_rollups"
+        indexes = ((("organization", "category", "day"), True),)
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     Organization,
     Membership,
@@ -256,4 +278,5 @@ ALL_MODELS: list[type[BaseModel]] = [
     CheckoutSession,
     WebhookEvent,
     OperatorAction,
+    UsageDailyRollup,
 ]

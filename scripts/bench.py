@@ -4,14 +4,16 @@
 
 Both run under gunicorn with the same worker count over the same seeded SQLite database, on
 loopback, driven by wrk (Debian package `wrk`). Prints requests/s, p50 and p99 for GET credits,
-GET credits/history and POST webhooks (a signed, already-stored event: the idempotent path),
-and for the baseline's GET credits, with the ratio ours/baseline measured in the same run.
+GET credits/history, POST usage (a fresh reference per request) and POST webhooks (a signed,
+already-stored event: the idempotent path), and for the baseline's GET credits and POST usage,
+with the ratios ours/baseline (throughput and p99) measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -60,6 +62,24 @@ def _webhook_script(tmp: str, body: str) -> str:
         f"wrk.body = {json.dumps(body)}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Stripe-Signature"] = "{signature}"\n'
+    )
+    return str(path)
+
+
+def _usage_script(tmp: str, name: str, token: str) -> str:
+    """POST usage with a fresh referenceId per request (each wrk thread counts on its own)."""
+    path = Path(tmp) / f"usage-{name}.lua"
+    path.write_text(
+        "local counter = 0\n"
+        "local threads = 0\n"
+        "function setup(thread) threads = threads + 1; thread:set('tid', threads) end\n"
+        "function request()\n"
+        "  counter = counter + 1\n"
+        '  local body = \'{"category": "api_call", "quantity": 1, "unitCostDecimillicents": 1, \'\n'
+        f"    .. '\"referenceId\": \"{name}-' .. tostring(tid) .. '-' .. counter .. '\"}}'\n"
+        "  return wrk.format('POST', nil, {['Content-Type'] = 'application/json', "
+        f"['X-Service-Token'] = '{token}'}}, body)\n"
+        "end\n"
     )
     return str(path)
 
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 except OSError:
                     time.sleep(0.1)
+            usage_path = f"/v1/service/organizations/{org}/usage"
+            run = f"{int(time.time())}"
             targets = [
                 (
                     "baseline GET credits",
@@ -128,6 +150,18 @@ def main(argv: list[str] | None = None) -> int:
                     None,
                 ),
                 ("ours GET credits", f"{base}/v1/billing/{org}/credits", auth, None),
+                (
+                    "baseline POST usage",
+                    f"http://127.0.0.1:{port}{usage_path}",
+                    {},
+                    _usage_script(server.tmp, f"base{run}", server.service_token),
+                ),
+                (
+                    "ours POST usage",
+                    f"{base}{usage_path}",
+                    {},
+                    _usage_script(server.tmp, f"ours{run}", server.service_token),
+                ),
                 (
                     "ours GET credits/history",
                     f"{base}/v1/billing/{org}/credits/history",
@@ -151,16 +185,22 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             baseline.terminate()
             baseline.wait(timeout=30)
-    base_rps = rows[0][1]["rps"]
     print(
         f"\n{args.connections} connections, {args.workers} workers, median of {args.rounds} "
-        f"interleaved rounds of {args.seconds}s"
+        f"interleaved rounds of {args.seconds}s; load {os.getloadavg()[0]:.2f}"
     )
-    print(f"{'target':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}{'vs base':>9}")
+    print(
+        f"{'target':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}"
+        f"{'vs base':>9}{'p99/base':>9}"
+    )
+    baselines = {name.split(" ", 1)[1]: r for name, r in rows if name.startswith("baseline")}
     for name, r in rows:
+        base_row = baselines.get(name.split(" ", 1)[1])
+        ratio = f"{r['rps'] / base_row['rps']:>9.2f}" if base_row else f"{'':>9}"
+        p99 = f"{r['p99'] / base_row['p99']:>9.2f}" if base_row else f"{'':>9}"
         print(
             f"{name:<28}{r['rps']:>10.0f}{r['p50']:>10.2f}{r['p99']:>10.2f}"
-            f"{r['errors']:>9.0f}{r['rps'] / base_rps:>9.2f}"
+            f"{r['errors']:>9.0f}{ratio}{p99}"
         )
     return 0
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import peewee
 import pytest
 
-from billing import ledger
+from billing import ledger, metering
 from billing.config import get_settings
 from billing.stripe_gateway import get_gateway
 from billing.units import CENT
@@ -89,18 +89,13 @@ def test_database_failure_mid_transaction_leaves_nothing(client, org, monkeypatc
     the partial write must roll back with the rest."""
     with database.connection_context():
         ledger.grant(org.id, 1000, "top_up", "seed")
-    db = database.obj
-    real_execute_sql = db.execute_sql
-    writes: list[str] = []
+    real_write = metering._write
 
-    def fail_second_write(sql, params=None, *args, **kwargs):
-        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
-            writes.append(sql)
-            if len(writes) == 2:
-                raise peewee.OperationalError("server closed the connection unexpectedly")
-        return real_execute_sql(sql, params, *args, **kwargs)
+    def fail_after_writing(*args, **kwargs):
+        real_write(*args, **kwargs)  # the rows are written inside the transaction, then it dies
+        raise peewee.OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(db, "execute_sql", fail_second_write)
+    monkeypatch.setattr(metering, "_write", fail_after_writing)
     usage = {
         "category": "api_call",
         "quantity": 1,
@@ -112,7 +107,7 @@ def test_database_failure_mid_transaction_leaves_nothing(client, org, monkeypatc
     )
     monkeypatch.undo()
     assert r.status_code == 500 and "database" in r.json()["detail"]
-    assert len(writes) == 2  # one write went through before the failure
+    monkeypatch.setattr(metering, "_write", real_write)
     with database.connection_context():
         account = assert_ledger_invariants(org.id)
         assert account.credits_balance == 1000

@@ -7,7 +7,8 @@ import datetime as dt
 import pytest
 
 from billing import ledger, metering
-from models import UsageRecord, database
+from models import database
+from tests.conftest import MID_MONTH
 
 
 def url(org_id: str) -> str:
@@ -18,13 +19,13 @@ def url(org_id: str) -> str:
 def usage(org, clock):
     with database.connection_context():
         ledger.grant(org.id, 10**9, "adjustment", "seed")
+        # Recorded in January 2020 (record, entry and daily rollup alike), before the others.
+        clock.set(dt.datetime(2020, 1, 15))
+        metering.record_usage(org.id, "api_call", 7, 1, "u-old")
+        clock.set(MID_MONTH)
         metering.record_usage(org.id, "api_call", 3, 100, "u1")
         metering.record_usage(org.id, "api_call", 2, 100, "u2")
         metering.record_usage(org.id, "workflow_execution", 1, 999, "u3")
-        old = metering.record_usage(org.id, "api_call", 7, 1, "u-old").record
-        UsageRecord.update(created_at=dt.datetime(2020, 1, 15)).where(
-            UsageRecord.id == old.id
-        ).execute()
     return org
 
 

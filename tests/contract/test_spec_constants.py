@@ -86,9 +86,10 @@ def test_money_bounds_equal_the_codes():
     assert prop("BillingSettingsUpdate", "autoRechargeAmountDecimillicents")["multipleOf"] == CENT
 
 
-def test_usage_maxima_keep_the_cost_within_int64():
-    quantity = prop("UsageRecordRequest", "quantity")
-    unit_cost = prop("UsageRecordRequest", "unitCostDecimillicents")
+@pytest.mark.parametrize("schema", ["UsageRecordRequest", "UsageBatchEvent"])
+def test_usage_maxima_keep_the_cost_within_int64(schema):
+    quantity = prop(schema, "quantity")
+    unit_cost = prop(schema, "unitCostDecimillicents")
     assert (quantity["minimum"], quantity["maximum"]) == (1, USAGE_QUANTITY_MAX)
     assert (unit_cost["minimum"], unit_cost["maximum"]) == (0, USAGE_UNIT_COST_MAX)
     assert quantity["maximum"] * unit_cost["maximum"] <= INT64_MAX
