@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import random
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -32,6 +35,25 @@ SQLITE_PRAGMAS = {
 }
 
 
+class _SqliteDatabase(peewee.SqliteDatabase):
+    """SQLite whose connection set-up survives other processes starting at the same moment.
+
+    Switching a new file to WAL needs the database to itself, and SQLite answers "database is
+    locked" at once, without its busy handler, when another connection is doing the same (the
+    first start of several instances). The switch is retried briefly; after it, it is a no-op.
+    """
+
+    def _set_pragmas(self, conn: Any) -> None:
+        for attempt in range(50):
+            try:
+                super()._set_pragmas(conn)  # type: ignore[misc]
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 49:
+                    raise
+                time.sleep(0.05 + random.random() * 0.05)
+
+
 def make_database(url: str, pool_size: int = 10) -> peewee.Database:
     """Build (not open) the database object that `url` names."""
     if url.startswith("sqlite:///"):
@@ -40,7 +62,7 @@ def make_database(url: str, pool_size: int = 10) -> peewee.Database:
             folder = os.path.dirname(path)
             if folder:
                 os.makedirs(folder, exist_ok=True)
-        return peewee.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=30)
+        return _SqliteDatabase(path, pragmas=SQLITE_PRAGMAS, timeout=30)
     parsed = urlparse(url)
     if parsed.scheme not in ("postgresql", "postgres"):
         raise ValueError(f"unsupported database URL scheme: {parsed.scheme!r}")

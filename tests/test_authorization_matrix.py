@@ -92,10 +92,22 @@ def request_for(method: str, path: str, op: dict, org_id: str):
             query[param["name"]] = schema.get("enum", [schema.get("example")])[0]
     body = None
     if "requestBody" in op:
-        body = copy.deepcopy(op["requestBody"]["content"]["application/json"]["example"])
-        if "organizationId" in body:
-            body["organizationId"] = org_id
+        body = _with_organization(
+            copy.deepcopy(op["requestBody"]["content"]["application/json"]["example"]), org_id
+        )
     return url, query, body
+
+
+def _with_organization(node, org_id: str):
+    """The example body with every organizationId (a batch's events too) naming `org_id`."""
+    if isinstance(node, dict):
+        return {
+            k: org_id if k == "organizationId" else _with_organization(v, org_id)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_with_organization(v, org_id) for v in node]
+    return node
 
 
 ORGANIZATION_NOT_FOUND = "organization not found"
