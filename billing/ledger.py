@@ -120,8 +120,8 @@ def _append(
 _APPEND_SQL = """
 WITH entry AS (
     INSERT INTO credit_entries (organization_id, entry_type, amount, reason, reference_id,
-                                idempotency_ref, balance_after, created_at)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                                idempotency_ref, balance_after, created_at, public_id)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, gen_random_uuid()::text)
     RETURNING id
 )
 UPDATE billing_accounts

@@ -58,9 +58,9 @@ WITH ev (ordinal, organization_id, category, quantity, unit_cost, cost, referenc
 ),
 entries AS (
     INSERT INTO credit_entries (organization_id, entry_type, amount, reason, reference_id,
-                                idempotency_ref, balance_after, created_at)
+                                idempotency_ref, balance_after, created_at, public_id)
     SELECT organization_id, 'charge', -cost::bigint, reason, reference_id, idempotency_ref,
-           balance_after::bigint, %s
+           balance_after::bigint, %s, gen_random_uuid()::text
     FROM ev ORDER BY ordinal
     RETURNING id, idempotency_ref
 ),
