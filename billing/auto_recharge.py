@@ -183,8 +183,10 @@ def payment_succeeded(
     return "recharge already granted" if result.replayed else "recharge granted"
 
 
-def payment_failed(organization_id: str, payment_intent_id: str, reason: str) -> str:
-    attempt = _attempt_for(organization_id, payment_intent_id, None)
+def payment_failed(
+    organization_id: str, payment_intent_id: str, reason: str, *, attempt_id: str | None = None
+) -> str:
+    attempt = _attempt_for(organization_id, payment_intent_id, attempt_id)
     if attempt is None or attempt.status in ("succeeded", "failed"):
         return "auto-recharge failure already recorded"
     _finish(attempt.id, "failed", failure_reason=reason[:500], client_secret=None)
@@ -192,9 +194,13 @@ def payment_failed(organization_id: str, payment_intent_id: str, reason: str) ->
 
 
 def payment_requires_action(
-    organization_id: str, payment_intent_id: str, client_secret: str | None
+    organization_id: str,
+    payment_intent_id: str,
+    client_secret: str | None,
+    *,
+    attempt_id: str | None = None,
 ) -> str:
-    attempt = _attempt_for(organization_id, payment_intent_id, None)
+    attempt = _attempt_for(organization_id, payment_intent_id, attempt_id)
     if attempt is None or attempt.status not in ("processing", "requires_action"):
         return "ignored"
     AutoRechargeRequest.update(
