@@ -76,7 +76,17 @@ def subscription_session(org_id: str, *, sub: str, session_id: str = "cs_test_su
     )
 
 
-def top_up_intent(org_id: str, *, cents: int = 1000, pi: str = "pi_topup_1", currency="usd"):
+def top_up_intent(
+    org_id: str,
+    *,
+    cents: int = 1000,
+    pi: str = "pi_topup_1",
+    currency: str = "usd",
+    ordered: int | None = None,
+) -> dict[str, Any]:
+    metadata = {"organization_id": org_id, "kind": "top_up"}
+    if ordered is not None:
+        metadata["amount_decimillicents"] = str(ordered)
     return stripe_object(
         "payment_intent",
         id=pi,
@@ -84,7 +94,7 @@ def top_up_intent(org_id: str, *, cents: int = 1000, pi: str = "pi_topup_1", cur
         amount_received=cents,
         currency=currency,
         status="succeeded",
-        metadata={"organization_id": org_id, "kind": "top_up"},
+        metadata=metadata,
         customer=customer_of(org_id),
         payment_method="pm_card_saved",
     )

@@ -7,6 +7,7 @@ there; the tests are skipped on it.)
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from models import BillingAccount, CreditEntry, database, is_postgres
 from tests import stripe_events as ev
 from tests.ledger_checks import assert_ledger_invariants
 
-ROUNDS = 15
+ROUNDS = int(os.environ.get("RACE_ROUNDS", "15"))
 
 pytestmark = pytest.mark.usefixtures("stripe_mode")
 
