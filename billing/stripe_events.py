@@ -169,9 +169,7 @@ class Charge(Owned):
     currency: Currency | None = None
 
 
-class Dispute(StripeModel):
-    id: StripeId
-    metadata: Metadata = {}
+class Dispute(Owned):
     charge: Ref | None = None
     payment_intent: Ref | None = None
     amount: Amount
