@@ -339,3 +339,89 @@ def test_generated_event_sequences_keep_money_and_state_right(client):
 
 def test_the_model_counts_cents_like_the_ledger():
     assert ledger.share_of(300, 1000) * ORDER // SHARE == 300 * CENT
+
+
+# --- the scenarios, one by one ------------------------------------------------------
+
+
+def _grace(org_id: str):
+    with database.connection_context():
+        from models import BillingAccount
+
+        return BillingAccount.get_by_id(org_id).payment_grace_period_ends_at
+
+
+@pytest.fixture
+def subscribed(client, org):
+    ev.link_customer(org.id)
+    ev.post(client, "customer.subscription.created", ev.subscription(org.id), created=T0)
+    return org
+
+
+@pytest.mark.usefixtures("stripe_mode")
+@pytest.mark.parametrize(
+    "settling",
+    [
+        {"inv": "in_old", "created": T0 - 30 * 86400, "paid_cents": 2000},  # an older invoice
+        {"inv": "in_zero", "created": T0 + 200, "paid_cents": 0},  # a newer $0 invoice
+        {"inv": "in_other", "created": T0 + 200, "paid_cents": 2000, "sub": "sub_other"},
+    ],
+)
+def test_these_payments_do_not_end_a_newer_failure(client, subscribed, settling):
+    org = subscribed
+    failed = ev.invoice(org.id, inv="in_new", paid_cents=0, status="open", created=T0 + 100)
+    ev.post(client, "invoice.payment_failed", failed, created=T0 + 100)
+    assert _grace(org.id) is not None
+    ev.post(client, "invoice.paid", ev.invoice(org.id, **settling), created=T0 + 300)
+    assert _grace(org.id) is not None
+
+
+@pytest.mark.usefixtures("stripe_mode")
+def test_the_failed_invoice_or_a_newer_one_paid_ends_it(client, subscribed):
+    org = subscribed
+    for inv, created in (("in_a", T0 + 100), ("in_b", T0 + 200)):
+        failed = ev.invoice(org.id, inv=inv, paid_cents=0, status="open", created=created)
+        ev.post(client, "invoice.payment_failed", failed, created=created)
+    ev.post(client, "invoice.paid", ev.invoice(org.id, inv="in_a", created=T0 + 100))
+    assert _grace(org.id) is not None  # in_b still failed
+    ev.post(client, "invoice.paid", ev.invoice(org.id, inv="in_c", created=T0 + 300))
+    assert _grace(org.id) is None
+
+
+@pytest.mark.usefixtures("stripe_mode")
+def test_a_late_failure_of_a_paid_invoice_changes_nothing(client, subscribed):
+    org = subscribed
+    ev.post(client, "invoice.paid", ev.invoice(org.id, inv="in_1", created=T0), created=T0 + 20)
+    late = ev.invoice(org.id, inv="in_1", paid_cents=0, status="open", created=T0)
+    r = ev.post(client, "invoice.payment_failed", late, created=T0 + 10)
+    assert r.status_code == 200
+    assert _grace(org.id) is None
+
+
+@pytest.mark.usefixtures("stripe_mode")
+def test_old_subscription_deleted_leaves_the_new_one(client, org):
+    ev.link_customer(org.id)
+    old = ev.subscription(org.id, sub="sub_old", created=T0)
+    new = ev.subscription(org.id, sub="sub_new", created=T0 + 100)
+    ev.post(client, "customer.subscription.created", old, created=T0)
+    ev.post(client, "customer.subscription.created", new, created=T0 + 100)
+    gone = ev.subscription(org.id, sub="sub_old", status="canceled", created=T0)
+    ev.post(client, "customer.subscription.deleted", gone, created=T0 + 200)
+    s = client.get(f"/v1/organizations/{org.id}/billing", headers=org.owner).json()
+    assert s["stripeSubscriptionId"] == "sub_new" and s["subscriptionStatus"] == "active"
+    # Events of a subscription that is not current change nothing, even newer ones.
+    stale = ev.subscription(org.id, sub="sub_old", status="past_due", created=T0)
+    ev.post(client, "customer.subscription.updated", stale, created=T0 + 300)
+    s = client.get(f"/v1/organizations/{org.id}/billing", headers=org.owner).json()
+    assert s["stripeSubscriptionId"] == "sub_new" and s["subscriptionStatus"] == "active"
+
+
+@pytest.mark.usefixtures("stripe_mode")
+def test_same_second_events_follow_the_lifecycle(client, org):
+    ev.link_customer(org.id)
+    active = ev.subscription(org.id, status="active", created=T0)
+    incomplete = ev.subscription(org.id, status="incomplete", created=T0)
+    ev.post(client, "customer.subscription.updated", active, created=T0)
+    ev.post(client, "customer.subscription.created", incomplete, created=T0)
+    s = client.get(f"/v1/organizations/{org.id}/billing", headers=org.owner).json()
+    assert s["subscriptionStatus"] == "active"
