@@ -226,7 +226,9 @@ def _ordered(session_id: str | None, org: str, metadata: dict[str, str]) -> int 
         if stored is not None and stored.amount:
             return int(stored.amount)
     text = metadata.get("amount_decimillicents", "")
-    return int(text) if text.isdigit() and 0 < int(text) <= 10**15 else None
+    if not (text.isascii() and text.isdigit()) or len(text) > 16:
+        return None
+    return int(text) if 0 < int(text) <= 10**15 else None
 
 
 def _settled_cents(session: CheckoutSession) -> int | None:
