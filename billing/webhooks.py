@@ -310,7 +310,16 @@ def _payment_succeeded(event: Event, intent: PaymentIntent, org: str) -> str:
     if kind == "top_up" and cents > 0:
         ordered = _ordered(None, org, intent.metadata)
         if ordered is None:  # the checkout session names the order; it grants
-            return "top-up payment recorded"
+            ledger.credit_payment(
+                org,
+                intent.id,
+                kind=ledger.PaymentKind.top_up,
+                ordered=None,
+                charged_currency=intent.currency,
+                charged_amount=cents,
+                charge_id=intent.latest_charge,
+            )
+            return "top-up payment recorded: the checkout session grants it"
         return _credit_top_up(
             org,
             intent.id,
