@@ -29,6 +29,7 @@ from typing import Any
 
 from billing import auto_recharge, disputes, ledger
 from billing.config import get_settings
+from billing.errors import Conflict
 from billing.metrics import WEBHOOK_EVENTS
 from billing.plans import PLANS
 from billing.stripe_events import (
@@ -425,7 +426,14 @@ def _dispatch(event: Event) -> tuple[str | None, str]:
     org = _organization_of(obj)
     if org is None:
         return None, "ignored"
-    return org, handler(event, obj, org)
+    try:
+        with database.atomic():  # a savepoint: a refused event leaves no partial effect
+            return org, handler(event, obj, org)
+    except Conflict as exc:
+        # An object of ours already tied to another organization: Stripe cannot fix that by
+        # retrying, so it is recorded and acknowledged, and the log says why.
+        log.warning("stripe event %s refused: %s", event.id, exc.detail)
+        return org, f"refused: {exc.detail}"
 
 
 def _organization_of(obj: StripeModel) -> str | None:

@@ -295,3 +295,20 @@ def test_a_payment_intent_in_another_currency_waits_for_the_checkout(client, org
     session = top_up_session(org.id, amount_decimillicents=ORDER, **KRW_SESSION)
     post(client, "checkout.session.completed", session)
     assert credits(client, org)["creditsBalanceDecimillicents"] == ORDER
+
+
+def test_a_payment_already_tied_to_another_organization_is_refused_not_a_conflict(client, org):
+    from billing.organizations import create_organization
+
+    link_customer(org.id)
+    post(client, "checkout.session.completed", top_up_session(org.id, amount_decimillicents=ORDER))
+    with database.connection_context():
+        other = create_organization("other").id
+    link_customer(other)
+    r = post(
+        client, "checkout.session.completed", top_up_session(other, amount_decimillicents=ORDER)
+    )
+    assert r.status_code == 200, r.text
+    with database.connection_context():
+        assert BillingAccount.get_by_id(other).credits_balance == 0
+        assert payment_row("pi_topup_1").organization_id == org.id
