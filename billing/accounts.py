@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import re
 from typing import Any
@@ -41,6 +42,13 @@ def get_account(organization_id: str) -> BillingAccount:
     if account is None:
         raise NotFound("organization not found")
     return account
+
+
+def suspended_since(account: BillingAccount) -> dt.datetime | None:
+    """Spending is held by an operator's suspension or by an open dispute; each is its own
+    state (lifting one never lifts the other), and the earlier start is reported."""
+    held = [t for t in (account.suspended_at, account.disputed_at) if t is not None]
+    return min(held) if held else None
 
 
 def lock_account(organization_id: str) -> BillingAccount:

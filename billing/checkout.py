@@ -15,8 +15,8 @@ import uuid
 from billing import ledger, recharge_policy
 from billing.accounts import get_account, lock_account
 from billing.config import Settings
-from billing.errors import InvalidRequest, NotFound
-from billing.plans import PLANS
+from billing.errors import Conflict, InvalidRequest, NotFound
+from billing.plans import PLANS, is_subscribed
 from billing.stripe_gateway import BillingGateway, SessionInfo
 from billing.subscriptions import SubscriptionState, apply_subscription_state, grant_welcome_credit
 from billing.units import CENT, TOP_UP_MAX, TOP_UP_MIN
@@ -63,6 +63,9 @@ def start_subscription_checkout(
 ) -> SessionInfo:
     if plan not in PLANS:
         raise InvalidRequest(f"subscriptionPlan must be one of {', '.join(PLANS)}")
+    if is_subscribed(get_account(organization_id).subscription_status):
+        # A second subscription would bill twice; a plan change goes through the portal.
+        raise Conflict("the organization already has an active subscription; use the portal")
     customer = ensure_customer(organization_id, gateway)
     session = gateway.create_subscription_checkout(
         organization_id,

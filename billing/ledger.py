@@ -23,11 +23,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 
 from peewee import Field
 
 from billing import recharge_policy
-from billing.accounts import lock_account
+from billing.accounts import lock_account, suspended_since
 from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
 from billing.metrics import LEDGER_ENTRIES, LEDGER_REFUSALS
 from billing.units import INT64_MAX
@@ -35,6 +36,7 @@ from models import (
     BillingAccount,
     CreditEntry,
     Reservation,
+    StripePayment,
     after_rollback,
     database,
     is_postgres,
@@ -102,6 +104,7 @@ def _append(
                 idempotency_ref,
                 entry.balance_after,
                 now,
+                entry.public_id,  # the model's own default: the entry returned names it too
                 account.credits_balance,
                 account.spend_month,
                 account.month_spend,
@@ -121,7 +124,7 @@ _APPEND_SQL = """
 WITH entry AS (
     INSERT INTO credit_entries (organization_id, entry_type, amount, reason, reference_id,
                                 idempotency_ref, balance_after, created_at, public_id)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, gen_random_uuid()::text)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
     RETURNING id
 )
 UPDATE billing_accounts
@@ -217,7 +220,7 @@ def spend_refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple
 
 
 def _refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str, str] | None:
-    if account.suspended_at is not None:
+    if suspended_since(account) is not None:
         return "suspended", "the organization is suspended"
     if account.payment_grace_period_ends_at is not None:
         return "payment_failed", "a payment failed; update the payment method to continue"
@@ -454,3 +457,158 @@ def release_reservation(organization_id: str, reservation_id: str) -> Reservatio
         reservation.closed_at = utcnow()
         reservation.save()
         return _reservation_result(account, reservation, False)
+
+
+# --- payments: what a Stripe payment granted, and what refunds and disputes take back ------
+#
+# One `StripePayment` row per PaymentIntent, read and written only under the account lock,
+# holds the grant and the reversals' shares (billionths of the payment: the cumulative refunded
+# share, and the sum of lost disputes' shares). Each event recomputes the target
+# `min(granted, granted * (refunded + disputed) / 10**9)` and appends at most the difference
+# from what was already reversed, so any interleaving of refunds, disputes and the grant itself
+# takes back at most what the payment granted. The cost is constant per event, whatever the
+# history. A reversal still takes only what is available (see `take_back`).
+
+SHARE_WHOLE = 10**9
+
+
+class PaymentKind(StrEnum):
+    top_up = "top_up"
+    auto_recharge = "auto_recharge"
+
+
+class ReversalKind(StrEnum):
+    refund = "refund"
+    dispute = "dispute"
+
+
+# Grants made before payments were tracked (or by auto-recharge) are found by their reference.
+_GRANT_REFS = {PaymentKind.top_up: "topup:{}", PaymentKind.auto_recharge: "recharge:{}"}
+
+
+@dataclass(frozen=True)
+class PaymentOutcome:
+    payment: StripePayment | None
+    granted_now: int = 0
+    reversed_now: int = 0
+
+
+def share_of(part: int, whole: int) -> int:
+    """`part / whole` in billionths, clamped to [0, 1]; integers only."""
+    if whole <= 0 or part <= 0:
+        return 0
+    return min(SHARE_WHOLE, part * SHARE_WHOLE // whole)
+
+
+def _payment_row(organization_id: str, payment_id: str) -> StripePayment | None:
+    """The payment row (under the caller's account lock), made from a legacy grant if needed."""
+    payment = StripePayment.get_or_none(StripePayment.id == payment_id)
+    if payment is not None and payment.organization_id != organization_id:
+        raise Conflict("this payment belongs to another organization")
+    if payment is not None and payment.granted_amount:
+        return payment
+    for kind, ref in _GRANT_REFS.items():
+        entry = _replay(ref.format(payment_id), organization_id)
+        if entry is None:
+            continue
+        if payment is None:
+            return StripePayment.create(
+                id=payment_id,
+                organization=organization_id,
+                kind=kind.value,
+                ordered_amount=entry.amount,
+                granted_amount=entry.amount,
+            )
+        payment.kind, payment.granted_amount = kind.value, entry.amount
+    return payment
+
+
+def _settle_reversals(account: BillingAccount, payment: StripePayment, reference: str) -> int:
+    """Take back what the payment's shares call for and was not yet taken (at most what is
+    available). Returns the amount taken now."""
+    share = min(SHARE_WHOLE, payment.refunded_share + payment.disputed_share)
+    target = min(payment.granted_amount, payment.granted_amount * share // SHARE_WHOLE)
+    due = target - payment.reversed_amount
+    available = max(0, account.credits_balance - account.reserved_credits)
+    taken = min(due, available)
+    if taken > 0:
+        kind = (ReversalKind.dispute if payment.disputed_share else ReversalKind.refund).value
+        _append(account, kind, -taken, f"{kind} of {payment.id}", reference, None)
+        payment.reversed_amount += taken
+    payment.updated_at = utcnow()
+    payment.save()
+    return max(taken, 0)
+
+
+def credit_payment(
+    organization_id: str,
+    payment_id: str,
+    *,
+    kind: PaymentKind,
+    ordered: int | None,
+    charged_currency: str | None = None,
+    charged_amount: int | None = None,
+    charge_id: str | None = None,
+    grant_amount: int | None = None,
+    flagged_reason: str | None = None,
+) -> PaymentOutcome:
+    """Record a Stripe payment; grant `grant_amount` once unless it is (or was) flagged.
+
+    A flagged payment (its settlement did not match the order) is recorded and never credited
+    here: an operator decides. Reversals reported before the grant apply right after it.
+    """
+    with write_transaction():
+        account = lock_account(organization_id)
+        payment = _payment_row(organization_id, payment_id)
+        if payment is None:
+            payment = StripePayment.create(
+                id=payment_id, organization=organization_id, kind=kind.value, ordered_amount=ordered
+            )
+        payment.ordered_amount = payment.ordered_amount or ordered
+        payment.charge_id = payment.charge_id or charge_id
+        if charged_currency and charged_amount and payment.charged_amount is None:
+            payment.charged_currency, payment.charged_amount = charged_currency, charged_amount
+        if flagged_reason:
+            payment.flagged_reason = flagged_reason[:500]
+        granted_now = 0
+        if grant_amount and not payment.flagged_reason and payment.granted_amount == 0:
+            _check_amount(grant_amount)
+            ref = _GRANT_REFS[PaymentKind(payment.kind)].format(payment_id)
+            entry_type = "top_up" if payment.kind == PaymentKind.top_up else "recharge"
+            existing = _replay(ref, organization_id)
+            if existing is None:
+                reason = "credit top-up" if entry_type == "top_up" else "auto-recharge"
+                _append(account, entry_type, grant_amount, reason, payment_id, ref)
+                granted_now = grant_amount
+            payment.granted_amount = existing.amount if existing else grant_amount
+        reversed_now = _settle_reversals(account, payment, payment.charge_id or payment_id)
+        return PaymentOutcome(payment, granted_now, reversed_now)
+
+
+def reverse_payment(
+    organization_id: str,
+    payment_id: str,
+    *,
+    kind: ReversalKind,
+    share: int,
+    reference_id: str,
+    charge_id: str | None = None,
+) -> PaymentOutcome:
+    """A refund (`share` = the cumulative refunded share of the payment) or a lost dispute
+    (`share` = this dispute's share, added once per dispute by the caller's own state), in one
+    transaction under the account lock: never more than the payment granted in total."""
+    with write_transaction():
+        account = lock_account(organization_id)
+        payment = _payment_row(organization_id, payment_id)
+        if payment is None:
+            # Reported before the payment itself: remembered, applied when it is credited.
+            payment = StripePayment.create(
+                id=payment_id, organization=organization_id, kind=PaymentKind.top_up.value
+            )
+        payment.charge_id = payment.charge_id or charge_id
+        if kind == ReversalKind.refund:
+            payment.refunded_share = max(payment.refunded_share, min(share, SHARE_WHOLE))
+        else:
+            payment.disputed_share = min(SHARE_WHOLE, payment.disputed_share + max(share, 0))
+        reversed_now = _settle_reversals(account, payment, reference_id)
+        return PaymentOutcome(payment, 0, reversed_now)

@@ -1,14 +1,22 @@
-"""Stripe webhook processing: verified, stored once by event id, processed exactly once.
+"""Stripe webhook processing: verified, parsed, stored once by event id, processed exactly once.
 
 1. The signature is checked against the raw body (300 s tolerance); a bad one stores nothing.
-2. The event is inserted by id; a duplicate insert is ignored.
-3. In one write transaction the event row is locked, and unless already processed its effects
+2. The event is parsed into a typed model (`billing.stripe_events`); one that cannot be
+   understood is a 400 and stores nothing (why: that module's docstring).
+3. The event is inserted by id; a duplicate insert is ignored.
+4. In one write transaction the event row is locked, and unless already processed its effects
    are applied and `processed_at` is set. Effects and the mark commit together, so concurrent
-   or repeated deliveries apply once; ledger references guard a second time.
+   or repeated deliveries apply once.
 
-Out-of-order delivery: subscription state carries the event's `created` time and older events
-never overwrite newer state; credit grants are keyed by the payment, not the event, so the
-checkout and payment_intent events for one top-up grant once whichever comes first.
+Effects live in the domain, each under the account lock: payments and their reversals in the
+ledger (`credit_payment`, `reverse_payment`), disputes in `billing.disputes`, subscription and
+invoice state in `billing.subscriptions`. State is kept per Stripe object and ordered by event,
+so late, repeated, concurrent and reordered events end in the same state.
+
+Currency: a top-up is credited for what was ordered (the amount stored with the session, or our
+own metadata), and only when Stripe's report in the settlement currency (USD, or the session's
+`currency_conversion` under Adaptive Pricing) agrees; anything else is recorded and flagged on
+the payment row and in the log, never credited.
 """
 
 from __future__ import annotations
@@ -19,34 +27,52 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import peewee
-
-from billing import auto_recharge, ledger
-from billing.checkout import grant_top_up
+from billing import auto_recharge, disputes, ledger, recharge_policy
 from billing.config import get_settings
+from billing.errors import Conflict
 from billing.metrics import WEBHOOK_EVENTS
 from billing.plans import PLANS
+from billing.stripe_events import (
+    Charge,
+    CheckoutSession,
+    Dispute,
+    Event,
+    Invoice,
+    Owned,
+    PaymentIntent,
+    Price,
+    StripeModel,
+    Subscription,
+    parse_event,
+)
 from billing.stripe_gateway import BillingGateway
 from billing.subscriptions import (
+    EventOrder,
+    InvoiceStatus,
+    SubscriptionChange,
     SubscriptionState,
-    apply_subscription_state,
-    clear_payment_failure,
     grant_welcome_credit,
+    lifecycle_rank,
     normalize_status,
-    start_payment_grace_period,
+    record_invoice,
+    record_subscription_event,
 )
-from billing.units import from_stripe_cents
+from billing.units import CENT, from_stripe_cents
 from models import (
     BillingAccount,
     CreditEntry,
+    StripePayment,
     WebhookEvent,
     database,
     locked,
     utcnow,
     write_transaction,
 )
+from models import CheckoutSession as StoredSession
 
 log = logging.getLogger("billing.webhooks")
+
+SETTLEMENT_CURRENCY = "usd"
 
 
 @dataclass(frozen=True)
@@ -57,32 +83,31 @@ class WebhookResult:
 
 
 def receive(payload: bytes, signature: str, gateway: BillingGateway) -> WebhookResult:
-    event = gateway.verify_event(payload, signature)
-    event_id = event["id"]
-    seen = WebhookEvent.get_or_none(WebhookEvent.id == event_id)
+    event = parse_event(gateway.verify_event(payload, signature))
+    seen = WebhookEvent.get_or_none(WebhookEvent.id == event.id)
     if seen is not None and seen.processed_at is not None:
         return _already_applied(seen)  # Stripe's retries: no write lock needed
     with database.atomic():
         WebhookEvent.insert(
-            id=event_id,
-            event_type=str(event.get("type", ""))[:255],
-            stripe_created=int(event.get("created") or 0),
+            id=event.id,
+            event_type=event.type,
+            stripe_created=event.created,
             payload=payload.decode("utf-8"),
         ).on_conflict_ignore().execute()
     with write_transaction():
-        stored = locked(WebhookEvent.select().where(WebhookEvent.id == event_id)).get()
+        stored = locked(WebhookEvent.select().where(WebhookEvent.id == event.id)).get()
         if stored.processed_at is not None:
             return _already_applied(stored)
         organization_id, outcome = _dispatch(event)
         stored.organization_id = organization_id
-        stored.outcome = outcome
+        stored.outcome = outcome[:500]
         stored.processed_at = utcnow()
         stored.save()
-    log.info("stripe event %s %s: %s", event_id, event.get("type"), outcome)
+    log.info("stripe event %s %s: %s", event.id, event.type, outcome)
     WEBHOOK_EVENTS.labels(
         stored.event_type, "ignored" if outcome == "ignored" else "processed"
     ).inc()
-    return WebhookResult(event_id, processed=outcome != "ignored", idempotent=False)
+    return WebhookResult(event.id, processed=outcome != "ignored", idempotent=False)
 
 
 def _already_applied(event: WebhookEvent) -> WebhookResult:
@@ -93,195 +118,292 @@ def _already_applied(event: WebhookEvent) -> WebhookResult:
 # --- resolving the organization ---------------------------------------------------------
 
 
-def _organization_for(obj: dict[str, Any]) -> str | None:
+def _organization_for(obj: Owned) -> str | None:
     """Our metadata first, then client_reference_id, then the customer id we stored."""
-    metadata = obj.get("metadata") or {}
-    candidates = [metadata.get("organization_id"), obj.get("client_reference_id")]
-    for candidate in candidates:
-        if isinstance(candidate, str) and BillingAccount.get_or_none(
-            BillingAccount.organization == candidate
-        ):
+    for candidate in (obj.metadata.get("organization_id"), obj.client_reference_id):
+        if candidate and BillingAccount.get_or_none(BillingAccount.organization == candidate):
             return candidate
-    customer = obj.get("customer")
-    if isinstance(customer, dict):
-        customer = customer.get("id")
-    if isinstance(customer, str):
-        account = BillingAccount.get_or_none(BillingAccount.stripe_customer_id == customer)
+    if obj.customer:
+        account = BillingAccount.get_or_none(BillingAccount.stripe_customer_id == obj.customer)
         if account is not None:
             return account.organization_id
     return None
 
 
-def _ts(value: Any) -> dt.datetime | None:
-    if not isinstance(value, int) or value <= 0:
+def _payment_for(payment_intent: str | None, charge: str | None) -> StripePayment | None:
+    """Charges and disputes name the payment: by its PaymentIntent, else by its charge."""
+    if payment_intent:
+        payment = StripePayment.get_or_none(StripePayment.id == payment_intent)
+        if payment is not None:
+            return payment
+    if charge:
+        return StripePayment.get_or_none(StripePayment.charge_id == charge)
+    return None
+
+
+def _plan_from_price(price: Price | None) -> str | None:
+    if price is None:
+        return None
+    by_price = {price_id: plan for plan, price_id in get_settings().plan_prices.items()}
+    if price.id in by_price:
+        return by_price[price.id]
+    lookup = price.lookup_key or price.metadata.get("plan")
+    return lookup if lookup in PLANS else None
+
+
+def _ts(value: int | None) -> dt.datetime | None:
+    if not value:
         return None
     return dt.datetime.fromtimestamp(value, dt.UTC).replace(tzinfo=None)
 
 
-def _plan_from_price(price: dict[str, Any] | None) -> str | None:
-    if not price:
-        return None
-    by_price = {price_id: plan for plan, price_id in get_settings().plan_prices.items()}
-    if price.get("id") in by_price:
-        return by_price[price["id"]]
-    lookup = price.get("lookup_key") or (price.get("metadata") or {}).get("plan")
-    return lookup if lookup in PLANS else None
+# --- subscriptions and invoices ---------------------------------------------------------
 
 
-# --- handlers -------------------------------------------------------------------------
-
-
-def _subscription_changed(event: dict[str, Any], sub: dict[str, Any], org: str) -> str:
-    items = (sub.get("items") or {}).get("data") or []
-    first_item = items[0] if items else {}
-    plan = _plan_from_price(first_item.get("price")) or (sub.get("metadata") or {}).get("plan")
-    status = normalize_status(str(sub.get("status", "")))
-    if event["type"] == "customer.subscription.deleted":
-        status = "canceled"
+def _subscription_changed(event: Event, sub: Subscription, org: str) -> str:
+    items = sub.items.data if sub.items else []
+    first_item = items[0] if items else None
+    plan = _plan_from_price(first_item.price if first_item else None) or sub.metadata.get("plan")
+    stripe_status = "canceled" if event.type == "customer.subscription.deleted" else sub.status
     state = SubscriptionState(
-        subscription_id=str(sub.get("id")),
-        status=status,
+        subscription_id=sub.id,
+        status=normalize_status(stripe_status),
         plan=plan if plan in PLANS else None,
-        started_at=_ts(sub.get("start_date")),
-        ends_at=_ts(sub.get("ended_at")) or _ts(sub.get("cancel_at")),
-        current_period_end=_ts(sub.get("current_period_end"))
-        or _ts(first_item.get("current_period_end")),
-        payment_method_id=sub.get("default_payment_method")
-        if isinstance(sub.get("default_payment_method"), str)
-        else None,
+        started_at=_ts(sub.start_date),
+        ends_at=_ts(sub.ended_at) or _ts(sub.cancel_at),
+        current_period_end=_ts(sub.current_period_end)
+        or _ts(first_item.current_period_end if first_item else None),
+        payment_method_id=sub.default_payment_method,
     )
-    applied = apply_subscription_state(org, state, int(event.get("created") or 0))
-    return f"subscription {state.status}" if applied else "stale subscription update ignored"
+    order = EventOrder(event.created, lifecycle_rank(stripe_status), event.id)
+    change = record_subscription_event(
+        org, state, order, subscription_created=sub.created or sub.start_date
+    )
+    if change == SubscriptionChange.applied and state.payment_method_id:
+        recharge_policy.reconsider(org)  # a card may be on file now: a recharge may be due
+    return {
+        SubscriptionChange.applied: f"subscription {state.status}",
+        SubscriptionChange.recorded: f"subscription {sub.id} is not current: recorded",
+        SubscriptionChange.stale: "stale subscription update ignored",
+        SubscriptionChange.foreign: "subscription of another organization: ignored",
+    }[change]
 
 
-def _checkout_completed(event: dict[str, Any], session: dict[str, Any], org: str) -> str:
-    if session.get("payment_status") != "paid":
-        return f"checkout not paid ({session.get('payment_status')}): no credit"
-    if session.get("mode") == "payment":
-        reference = session.get("payment_intent") or session.get("id")
-        amount = from_stripe_cents(int(session.get("amount_total") or 0))
-        if amount <= 0:
-            return "top-up with no amount: no credit"
-        granted = grant_top_up(org, amount, str(reference))
-        return "top-up granted" if granted else "top-up already granted"
-    return "subscription checkout completed"
+def _invoice(event: Event, invoice: Invoice, org: str, status: InvoiceStatus) -> str:
+    return record_invoice(
+        org,
+        invoice_id=invoice.id,
+        subscription_id=invoice.subscription_id,
+        status=status,
+        amount_paid=invoice.amount_paid if status == InvoiceStatus.paid else 0,
+        invoice_created=invoice.created or event.created,
+        event_created=event.created,
+        grace_days=get_settings().payment_grace_period_days,
+    )
 
 
-def _invoice_paid(event: dict[str, Any], invoice: dict[str, Any], org: str) -> str:
-    clear_payment_failure(org)
-    if int(invoice.get("amount_paid") or 0) <= 0:
-        return "invoice paid (nothing charged)"
-    lines = (invoice.get("lines") or {}).get("data") or []
+def _invoice_paid(event: Event, invoice: Invoice, org: str) -> str:
+    outcome = _invoice(event, invoice, org, InvoiceStatus.paid)
+    if invoice.amount_paid <= 0:
+        return f"{outcome} (nothing charged)"
     plan = None
-    for line in lines:
-        plan = _plan_from_price(line.get("price")) or plan
-    reference = invoice.get("payment_intent") or invoice.get("id")
-    granted = grant_welcome_credit(org, plan, str(reference))
-    return "welcome credit granted" if granted else "invoice paid"
+    for line in invoice.lines.data if invoice.lines else []:
+        plan = _plan_from_price(line.price) or plan
+    granted = grant_welcome_credit(org, plan, invoice.payment_intent or invoice.id)
+    return f"{outcome}; welcome credit granted" if granted else outcome
 
 
-def _invoice_failed(event: dict[str, Any], invoice: dict[str, Any], org: str) -> str:
-    start_payment_grace_period(org, get_settings().payment_grace_period_days)
-    return "payment failed: grace period running"
+def _invoice_failed(event: Event, invoice: Invoice, org: str) -> str:
+    return _invoice(event, invoice, org, InvoiceStatus.failed)
 
 
-def _payment_succeeded(event: dict[str, Any], intent: dict[str, Any], org: str) -> str:
-    metadata = intent.get("metadata") or {}
-    kind = metadata.get("kind")
-    amount = from_stripe_cents(int(intent.get("amount_received") or intent.get("amount") or 0))
-    payment_method = intent.get("payment_method")
-    if isinstance(payment_method, str):
-        auto_recharge.remember_payment_method(org, payment_method)
-    if kind == "top_up" and amount > 0:
-        return (
-            "top-up granted"
-            if grant_top_up(org, amount, str(intent["id"]))
-            else "top-up already granted"
+# --- top-ups and auto-recharge ------------------------------------------------------------
+
+
+def _ordered(session_id: str | None, org: str, metadata: dict[str, str]) -> int | None:
+    """What was ordered: the amount stored when we created the session, else our metadata."""
+    if session_id:
+        stored = StoredSession.get_or_none(
+            (StoredSession.id == session_id) & (StoredSession.organization == org)
+        )
+        if stored is not None and stored.amount:
+            return int(stored.amount)
+    text = metadata.get("amount_decimillicents", "")
+    if not (text.isascii() and text.isdigit()) or len(text) > 16:
+        return None
+    return int(text) if 0 < int(text) <= 10**15 else None
+
+
+def _settled_cents(session: CheckoutSession) -> int | None:
+    """The USD cents Stripe reports: the session's own amount when it is in USD, else the
+    Adaptive Pricing conversion's source amount when that is USD."""
+    if session.currency == SETTLEMENT_CURRENCY:
+        return session.amount_total
+    conversion = session.currency_conversion
+    if conversion is not None and conversion.source_currency == SETTLEMENT_CURRENCY:
+        return conversion.amount_total
+    return None
+
+
+def _mismatch(ordered: int | None, settled_cents: int | None, currency: str | None) -> str | None:
+    if ordered is None:
+        return "no order on record for this payment"
+    if settled_cents is None:
+        return f"settled in {currency or 'an unknown currency'} with no USD amount"
+    if from_stripe_cents(settled_cents) != ordered:
+        return f"Stripe reports {settled_cents} USD cents for an order of {ordered // CENT}"
+    return None
+
+
+def _credit_top_up(
+    org: str, payment_id: str, *, ordered: int | None, flag: str | None, **charged: Any
+) -> str:
+    result = ledger.credit_payment(
+        org,
+        payment_id,
+        kind=ledger.PaymentKind.top_up,
+        ordered=ordered,
+        grant_amount=None if flag else ordered,
+        flagged_reason=flag,
+        **charged,
+    )
+    if flag:
+        log.warning("top-up %s flagged, not credited: %s", payment_id, flag)
+        return f"top-up flagged, not credited: {flag}"
+    return "top-up granted" if result.granted_now else "top-up already granted"
+
+
+def _checkout_completed(event: Event, session: CheckoutSession, org: str) -> str:
+    if session.payment_status != "paid":
+        return f"checkout not paid ({session.payment_status}): no credit"
+    if session.mode != "payment":
+        return "subscription checkout completed"
+    ordered = _ordered(session.id, org, session.metadata)
+    return _credit_top_up(
+        org,
+        session.payment_intent or session.id,
+        ordered=ordered,
+        flag=_mismatch(ordered, _settled_cents(session), session.currency),
+        charged_currency=session.currency,
+        charged_amount=session.amount_total,
+    )
+
+
+def _payment_succeeded(event: Event, intent: PaymentIntent, org: str) -> str:
+    kind = intent.metadata.get("kind")
+    cents = intent.amount_received or intent.amount or 0
+    if intent.payment_method:
+        auto_recharge.remember_payment_method(org, intent.payment_method)
+    if intent.currency not in (None, SETTLEMENT_CURRENCY):
+        if kind == "auto_recharge":
+            log.warning("auto-recharge %s settled in %s: not credited", intent.id, intent.currency)
+            return f"auto-recharge flagged, not credited: settled in {intent.currency}"
+        if kind == "top_up":
+            # Adaptive Pricing: only the Checkout Session carries the USD amount; it decides.
+            ledger.credit_payment(
+                org,
+                intent.id,
+                kind=ledger.PaymentKind.top_up,
+                ordered=_ordered(None, org, intent.metadata),
+                charged_currency=intent.currency,
+                charged_amount=cents,
+                charge_id=intent.latest_charge,
+            )
+            return f"top-up paid in {intent.currency}: the checkout session decides the credit"
+    if kind == "top_up" and cents > 0:
+        ordered = _ordered(None, org, intent.metadata)
+        if ordered is None:  # the checkout session names the order; it grants
+            ledger.credit_payment(
+                org,
+                intent.id,
+                kind=ledger.PaymentKind.top_up,
+                ordered=None,
+                charged_currency=intent.currency,
+                charged_amount=cents,
+                charge_id=intent.latest_charge,
+            )
+            return "top-up payment recorded: the checkout session grants it"
+        return _credit_top_up(
+            org,
+            intent.id,
+            ordered=ordered,
+            flag=_mismatch(ordered, cents, intent.currency),
+            charged_currency=intent.currency,
+            charged_amount=cents,
+            charge_id=intent.latest_charge,
         )
     if kind == "auto_recharge":
         return auto_recharge.payment_succeeded(
-            org, str(intent["id"]), amount, metadata.get("attempt_id")
+            org, intent.id, from_stripe_cents(cents), intent.metadata.get("attempt_id")
         )
     return "payment recorded"
 
 
-def _payment_failed(event: dict[str, Any], intent: dict[str, Any], org: str) -> str:
-    if (intent.get("metadata") or {}).get("kind") != "auto_recharge":
+def _payment_failed(event: Event, intent: PaymentIntent, org: str) -> str:
+    if intent.metadata.get("kind") != "auto_recharge":
         return "payment failure recorded"
-    error = intent.get("last_payment_error") or {}
+    error = intent.last_payment_error
     return auto_recharge.payment_failed(
         org,
-        str(intent["id"]),
-        str(error.get("code") or "failed"),
-        attempt_id=(intent.get("metadata") or {}).get("attempt_id"),
+        intent.id,
+        (error.code if error else None) or "failed",
+        attempt_id=intent.metadata.get("attempt_id"),
     )
 
 
-def _payment_requires_action(event: dict[str, Any], intent: dict[str, Any], org: str) -> str:
-    if (intent.get("metadata") or {}).get("kind") != "auto_recharge":
+def _payment_requires_action(event: Event, intent: PaymentIntent, org: str) -> str:
+    if intent.metadata.get("kind") != "auto_recharge":
         return "ignored"
     return auto_recharge.payment_requires_action(
+        org, intent.id, intent.client_secret, attempt_id=intent.metadata.get("attempt_id")
+    )
+
+
+# --- refunds and disputes -----------------------------------------------------------------
+
+
+def _charge_refunded(event: Event, charge: Charge, org: str) -> str:
+    payment = _payment_for(charge.payment_intent, charge.id)
+    payment_id = payment.id if payment is not None else charge.payment_intent
+    if payment_id is None:
+        return "refund of a charge with no payment of ours: nothing to reverse"
+    # amount_refunded is cumulative: the refunded share of the charge, in its own currency,
+    # is the share of what the payment granted that is taken back (never more in total).
+    result = ledger.reverse_payment(
         org,
-        str(intent["id"]),
-        intent.get("client_secret"),
-        attempt_id=(intent.get("metadata") or {}).get("attempt_id"),
+        payment_id,
+        kind=ledger.ReversalKind.refund,
+        share=ledger.share_of(charge.amount_refunded, charge.amount),
+        reference_id=charge.id,
+        charge_id=charge.id,
+    )
+    if result.payment is None or not result.payment.granted_amount:
+        return "refund: the payment bought no credits (yet)"
+    return f"refund: reversed {result.reversed_now}"
+
+
+def _dispute_report(dispute: Dispute) -> disputes.DisputeReport:
+    payment = _payment_for(dispute.payment_intent, dispute.charge)
+    return disputes.DisputeReport(
+        dispute_id=dispute.id,
+        payment_id=payment.id if payment is not None else dispute.payment_intent,
+        status=dispute.status,
+        amount=dispute.amount,
+        currency=dispute.currency,
     )
 
 
-def _granted_for_payment(org: str, payment_intent: str) -> int:
-    """Credits a payment bought (top-up, recharge or welcome grant referencing it)."""
-    total = (
-        CreditEntry.select(peewee.fn.COALESCE(peewee.fn.SUM(CreditEntry.amount), 0))
-        .where(
-            (CreditEntry.organization == org)
-            & (CreditEntry.reference_id == payment_intent)
-            & (CreditEntry.amount > 0)
-        )
-        .scalar()
-    )
-    return int(total)
+def _dispute_created(event: Event, dispute: Dispute, org: str) -> str:
+    return disputes.opened(org, _dispute_report(dispute))
 
 
-def _reversed_for_charge(org: str, charge_id: str) -> int:
-    total = (
-        CreditEntry.select(peewee.fn.COALESCE(peewee.fn.SUM(CreditEntry.amount), 0))
-        .where((CreditEntry.organization == org) & (CreditEntry.reference_id == charge_id))
-        .scalar()
-    )
-    return -int(total)
+def _dispute_closed(event: Event, dispute: Dispute, org: str) -> str:
+    return disputes.closed(org, _dispute_report(dispute))
 
 
-def _reverse(org: str, charge: dict[str, Any], requested: int, kind: str, ref: str) -> str:
-    payment_intent = charge.get("payment_intent")
-    bought = _granted_for_payment(org, str(payment_intent)) if payment_intent else 0
-    if bought <= 0:
-        return f"{kind}: the payment bought no credits"
-    already = _reversed_for_charge(org, str(charge["id"]))
-    to_take = min(requested, bought) - already
-    if to_take <= 0:
-        return f"{kind}: nothing more to reverse"
-    result = ledger.take_back(
-        org, to_take, kind, f"{kind} of {charge['id']}", str(charge["id"]), ref
-    )
-    return f"{kind}: reversed {-result.entry.amount if result.entry else 0}"
+Handler = Callable[[Event, Any, str], str]
 
-
-def _charge_refunded(event: dict[str, Any], charge: dict[str, Any], org: str) -> str:
-    refunded = from_stripe_cents(int(charge.get("amount_refunded") or 0))
-    # amount_refunded is cumulative: the reference names the cumulative amount, so a repeat
-    # of the same refund state applies once and a further partial refund adds only the rest.
-    return _reverse(org, charge, refunded, "refund", f"refund:{charge['id']}:{refunded}")
-
-
-def _dispute_closed(event: dict[str, Any], dispute: dict[str, Any], org: str) -> str:
-    if dispute.get("status") != "lost":
-        return f"dispute {dispute.get('status')}: no change"
-    charge = {"id": dispute.get("charge"), "payment_intent": dispute.get("payment_intent")}
-    amount = from_stripe_cents(int(dispute.get("amount") or 0))
-    return _reverse(org, charge, amount, "dispute", f"dispute:{dispute.get('id')}")
-
-
-HANDLERS: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str]] = {
+HANDLERS: dict[str, Handler] = {
     "checkout.session.completed": _checkout_completed,
     "customer.subscription.created": _subscription_changed,
     "customer.subscription.updated": _subscription_changed,
@@ -293,30 +415,40 @@ HANDLERS: dict[str, Callable[[dict[str, Any], dict[str, Any], str], str]] = {
     "payment_intent.payment_failed": _payment_failed,
     "payment_intent.requires_action": _payment_requires_action,
     "charge.refunded": _charge_refunded,
+    "charge.dispute.created": _dispute_created,
     "charge.dispute.closed": _dispute_closed,
 }
 
 
-def _dispatch(event: dict[str, Any]) -> tuple[str | None, str]:
-    handler = HANDLERS.get(str(event.get("type")))
-    obj = (event.get("data") or {}).get("object")
-    if handler is None or not isinstance(obj, dict):
+def _dispatch(event: Event) -> tuple[str | None, str]:
+    handler = HANDLERS.get(event.type)
+    obj = event.object
+    if handler is None or obj is None:
         return None, "ignored"
-    if event["type"] == "charge.dispute.closed" and not obj.get("customer"):
-        obj = {**obj, "customer": _customer_of_charge(obj)}
-    org = _organization_for(obj)
+    org = _organization_of(obj)
     if org is None:
         return None, "ignored"
-    return org, handler(event, obj, org)
+    try:
+        with database.atomic():  # a savepoint: a refused event leaves no partial effect
+            return org, handler(event, obj, org)
+    except Conflict as exc:
+        # An object of ours already tied to another organization: Stripe cannot fix that by
+        # retrying, so it is recorded and acknowledged, and the log says why.
+        log.warning("stripe event %s refused: %s", event.id, exc.detail)
+        return org, f"refused: {exc.detail}"
 
 
-def _customer_of_charge(dispute: dict[str, Any]) -> str | None:
-    """Disputes name only the charge; find the organization through its credited payment."""
-    payment_intent = dispute.get("payment_intent")
-    if not payment_intent:
-        return None
-    entry = CreditEntry.get_or_none(CreditEntry.reference_id == payment_intent)
-    if entry is None:
-        return None
-    account = BillingAccount.get_or_none(BillingAccount.organization == entry.organization_id)
-    return account.stripe_customer_id if account else None
+def _organization_of(obj: StripeModel) -> str | None:
+    if isinstance(obj, Dispute | Charge):
+        charge = obj.charge if isinstance(obj, Dispute) else obj.id
+        payment = _payment_for(obj.payment_intent, charge)
+        if payment is not None:
+            return payment.organization_id
+        if obj.payment_intent:  # granted before payments were tracked
+            for ref in ("topup:", "recharge:"):
+                entry = CreditEntry.get_or_none(
+                    CreditEntry.idempotency_ref == f"{ref}{obj.payment_intent}"
+                )
+                if entry is not None:
+                    return entry.organization_id
+    return _organization_for(obj) if isinstance(obj, Owned) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from billing.accounts import suspended_since
 from billing.history import HistoryPage, wire_reason, wire_type
 from billing.ledger import ReservationResult
 from billing.metering import EventOutcome, EventStatus, RecordedUsage, UsageEvent
@@ -42,7 +43,7 @@ def billing_settings(account: BillingAccount) -> dict[str, Any]:
         "subscriptionStartedAt": iso(account.subscription_started_at),
         "subscriptionEndsAt": iso(account.subscription_ends_at),
         "subscriptionCurrentPeriodEnd": iso(account.subscription_current_period_end),
-        "suspendedAt": iso(account.suspended_at),
+        "suspendedAt": iso(suspended_since(account)),
         "paymentGracePeriodEndsAt": iso(account.payment_grace_period_ends_at),
     }
 
@@ -52,8 +53,8 @@ def credit_balance(account: BillingAccount) -> dict[str, Any]:
         "creditsBalanceDecimillicents": account.credits_balance,
         "reservedCreditsDecimillicents": account.reserved_credits,
         "availableDecimillicents": account.credits_balance - account.reserved_credits,
-        "isSuspended": account.suspended_at is not None,
-        "suspendedAt": iso(account.suspended_at),
+        "isSuspended": suspended_since(account) is not None,
+        "suspendedAt": iso(suspended_since(account)),
         "paymentGracePeriodEndsAt": iso(account.payment_grace_period_ends_at),
     }
 

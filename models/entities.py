@@ -84,6 +84,8 @@ class BillingAccount(BaseModel):
     # charge's own transaction; another month than the current one means 0 spent so far.
     spend_month = peewee.CharField(max_length=7, null=True)
     month_spend = peewee.BigIntegerField(default=0)
+    # Since when an open Stripe dispute holds spending (separate from an operator's suspension).
+    disputed_at = peewee.DateTimeField(null=True)
 
     class Meta:
         table_name = "billing_accounts"
@@ -263,6 +265,83 @@ class UsageDailyRollup(BaseModel):
     class Meta:
         table_name = "usage_daily_rollups"
         indexes = ((("organization", "category", "day"), True),)
+class StripePayment(BaseModel):
+    """One Stripe payment (keyed by PaymentIntent id): what was ordered and charged, what it
+    granted, and what refunds and lost disputes took back. Shares are billionths of the payment;
+    `reversed_amount <= granted_amount` always. Written only under the account lock."""
+
+    id = peewee.CharField(primary_key=True, max_length=255)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
+    kind = peewee.CharField(max_length=16)
+    charge_id = peewee.CharField(max_length=255, null=True)
+    ordered_amount = peewee.BigIntegerField(null=True)
+    charged_currency = peewee.CharField(max_length=3, null=True)
+    charged_amount = peewee.BigIntegerField(null=True)
+    granted_amount = peewee.BigIntegerField(default=0)
+    refunded_share = peewee.BigIntegerField(default=0)
+    disputed_share = peewee.BigIntegerField(default=0)
+    reversed_amount = peewee.BigIntegerField(default=0)
+    flagged_reason = peewee.CharField(max_length=500, null=True)
+    created_at = peewee.DateTimeField(default=utcnow)
+    updated_at = peewee.DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "stripe_payments"
+
+
+class StripeDispute(BaseModel):
+    """A dispute on one of our payments; while it is open, spending is held."""
+
+    id = peewee.CharField(primary_key=True, max_length=255)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
+    payment_id = peewee.CharField(max_length=255, null=True)
+    status = peewee.CharField(max_length=32)
+    is_open = peewee.BooleanField()
+    opened_at = peewee.DateTimeField(default=utcnow)
+    closed_at = peewee.DateTimeField(null=True)
+
+    class Meta:
+        table_name = "stripe_disputes"
+
+
+class StripeSubscription(BaseModel):
+    """A subscription's newest known state; (event_created, event_rank, event_id) orders events."""
+
+    id = peewee.CharField(primary_key=True, max_length=255)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
+    status = peewee.CharField(max_length=16)
+    plan = peewee.CharField(max_length=16, null=True)
+    subscription_created = peewee.BigIntegerField()
+    started_at = peewee.DateTimeField(null=True)
+    ends_at = peewee.DateTimeField(null=True)
+    current_period_end = peewee.DateTimeField(null=True)
+    payment_method_id = peewee.CharField(max_length=255, null=True)
+    event_created = peewee.BigIntegerField()
+    event_rank = peewee.IntegerField()
+    event_id = peewee.CharField(max_length=255)
+
+    class Meta:
+        table_name = "stripe_subscriptions"
+
+
+class StripeInvoice(BaseModel):
+    """An invoice's payment state; `resolved` marks a failure that a later payment settled."""
+
+    id = peewee.CharField(primary_key=True, max_length=255)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
+    subscription_id = peewee.CharField(max_length=255, null=True)
+    status = peewee.CharField(max_length=16)
+    amount_paid = peewee.BigIntegerField()
+    invoice_created = peewee.BigIntegerField()
+    event_created = peewee.BigIntegerField()
+    resolved = peewee.BooleanField(default=False)
+
+    class Meta:
+        table_name = "stripe_invoices"
 
 
 ALL_MODELS: list[type[BaseModel]] = [
@@ -279,4 +358,8 @@ ALL_MODELS: list[type[BaseModel]] = [
     WebhookEvent,
     OperatorAction,
     UsageDailyRollup,
+    StripePayment,
+    StripeDispute,
+    StripeSubscription,
+    StripeInvoice,
 ]

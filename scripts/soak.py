@@ -50,8 +50,14 @@ def _event(org_id: str, i: int) -> bytes:
         "client_reference_id": org_id,
         "payment_status": "paid",
         "amount_total": TOP_UP_CENTS,
+        "currency": "usd",
         "payment_intent": f"pi_soak_{org_id[:8]}_{i}",
-        "metadata": {"organization_id": org_id, "kind": "top_up"},
+        # What was ordered, as our own session metadata carries it (credited only if it agrees).
+        "metadata": {
+            "organization_id": org_id,
+            "kind": "top_up",
+            "amount_decimillicents": str(TOP_UP_CENTS * 100_000),
+        },
     }
     event = {
         "id": f"evt_soak_{org_id[:8]}_{i}",

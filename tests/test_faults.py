@@ -159,8 +159,13 @@ def test_replay_storm_applies_each_event_once(client, org, stripe_mode):
             id=f"cs_storm_{i}",
             mode="payment",
             client_reference_id=org.id,
-            metadata={"organization_id": org.id, "kind": "top_up"},
+            metadata={
+                "organization_id": org.id,
+                "kind": "top_up",
+                "amount_decimillicents": str(100 * CENT),
+            },
             amount_total=100,
+            currency="usd",
             payment_status="paid",
             payment_intent=f"pi_storm_{i}",
         )

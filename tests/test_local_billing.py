@@ -49,14 +49,17 @@ def test_subscribe_grants_welcome_credit_once(client, org):
     assert body["subscriptionPlan"] == "pro"
     assert body["creditsBalanceDecimillicents"] == 20 * DOLLAR
     assert complete(client, org).status_code == 404  # no open session left
-    # Subscribing again (plan change) never grants a second welcome credit.
-    client.post(
+    # A second subscription checkout while one is active is a 409 (a plan change goes through
+    # the portal), and it grants nothing.
+    second = client.post(
         "/v1/billing/checkout",
         json={"organizationId": org.id, "subscriptionPlan": "agency", **URLS},
         headers=org.owner,
     )
-    again = complete(client, org).json()
-    assert again["subscriptionPlan"] == "agency"
+    assert second.status_code == 409, second.text
+    assert complete(client, org).status_code == 404
+    again = client.get(f"/v1/organizations/{org.id}/billing", headers=org.owner).json()
+    assert again["subscriptionPlan"] == "pro"
     assert again["creditsBalanceDecimillicents"] == 20 * DOLLAR
 
 

@@ -43,8 +43,13 @@ def top_up_session(org_id, cents=1000, pi="pi_topup_1", paid=True):
         id="cs_test_topup",
         mode="payment",
         client_reference_id=org_id,
-        metadata={"organization_id": org_id, "kind": "top_up"},
+        metadata={
+            "organization_id": org_id,
+            "kind": "top_up",
+            "amount_decimillicents": str(cents * CENT),
+        },
         amount_total=cents,
+        currency="usd",
         payment_status="paid" if paid else "unpaid",
         payment_intent=pi,
         customer="cus_test_1",
@@ -57,8 +62,13 @@ def top_up_intent(org_id, cents=1000, pi="pi_topup_1"):
         id=pi,
         amount=cents,
         amount_received=cents,
+        currency="usd",
         status="succeeded",
-        metadata={"organization_id": org_id, "kind": "top_up"},
+        metadata={
+            "organization_id": org_id,
+            "kind": "top_up",
+            "amount_decimillicents": str(cents * CENT),
+        },
         customer="cus_test_1",
         payment_method="pm_card_saved",
     )
@@ -207,10 +217,12 @@ def test_out_of_order_subscription_updates(client, org, stripe_mode):
     assert settings["subscriptionStatus"] == "canceled" and settings["isSubscribed"] is False
 
 
-def invoice(org_id, paid_cents=2000, pi="pi_invoice_1", inv_id="in_test_1"):
+def invoice(org_id, paid_cents=2000, pi="pi_invoice_1", inv_id="in_test_1", created=1_800_000_000):
     return stripe_object(
         "invoice",
         id=inv_id,
+        created=created,
+        subscription="sub_test_1",
         customer="cus_test_1",
         amount_paid=paid_cents,
         payment_intent=pi,
@@ -229,7 +241,10 @@ def test_first_paid_invoice_grants_welcome_credit_once(client, org, stripe_mode)
 def test_payment_failure_blocks_spending_until_paid(client, org, stripe_mode):
     link_customer(org.id)
     post(client, event_body("invoice.payment_succeeded", invoice(org.id)))
-    post(client, event_body("invoice.payment_failed", invoice(org.id, 0, None, "in_f")))
+    post(
+        client,
+        event_body("invoice.payment_failed", invoice(org.id, 0, None, "in_f", 1_800_000_100)),
+    )
     credits = client.get(f"/v1/billing/{org.id}/credits", headers=org.owner).json()
     assert credits["paymentGracePeriodEndsAt"] is not None
     usage = {
@@ -242,7 +257,13 @@ def test_payment_failure_blocks_spending_until_paid(client, org, stripe_mode):
         f"/v1/service/organizations/{org.id}/usage", json=usage, headers=SERVICE_HEADERS
     )
     assert r.status_code == 402
-    post(client, event_body("invoice.payment_succeeded", invoice(org.id, 2000, "pi_3", "in_3")))
+    # An invoice at least as new as the failed one is paid: the grace period ends.
+    post(
+        client,
+        event_body(
+            "invoice.payment_succeeded", invoice(org.id, 2000, "pi_3", "in_3", 1_800_000_200)
+        ),
+    )
     assert (
         client.post(
             f"/v1/service/organizations/{org.id}/usage", json=usage, headers=SERVICE_HEADERS
