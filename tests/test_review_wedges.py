@@ -24,6 +24,7 @@ from billing.config import get_settings
 from billing.errors import Conflict, PaymentRequired
 from billing.stripe_gateway import ChargeOutcome
 from billing.units import DOLLAR
+from tests.conftest import SERVICE_HEADERS
 from models import AutoRechargeRequest, BillingAccount, CreditEntry, database, is_postgres, utcnow
 
 # --- an Idempotency-Key owner that lost its lease -----------------------------------------
@@ -240,3 +241,40 @@ def test_refusals_before_a_card_is_saved_never_turn_auto_recharge_off(org, conn,
     assert auto_recharge.drain(gateway, settings) == 1  # type: ignore[arg-type]
     assert gateway.charges == 1
     assert BillingAccount.get_by_id(org.id).credits_balance == 21 * DOLLAR
+
+
+# --- content types are case-insensitive -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["APPLICATION/JSON", "Application/Json", "application/JSON; charset=utf-8"],
+)
+def test_a_json_body_in_any_letter_case_is_read(client, org, content_type):
+    """RFC 9110: media types are case-insensitive. The middleware accepted these, and
+    Connexion then handed the handler raw bytes: a 500 for every POST and PATCH."""
+    ledger_seed(org.id)
+    body = {"category": "api_call", "quantity": 1, "unitCostDecimillicents": 1, "referenceId": "u"}
+    r = client.post(
+        f"/v1/service/organizations/{org.id}/usage",
+        content=json.dumps(body).encode(),
+        headers={**SERVICE_HEADERS, "Content-Type": content_type},
+    )
+    assert r.status_code == 200, r.text
+    patched = client.patch(
+        f"/v1/organizations/{org.id}/billing",
+        content=json.dumps({"usageCapDecimillicents": 5 * DOLLAR}).encode(),
+        headers={**org.owner, "Content-Type": content_type},
+    )
+    assert patched.status_code == 200, patched.text
+    bad = client.post(
+        f"/v1/service/organizations/{org.id}/reservations",
+        content=b"{",
+        headers={**SERVICE_HEADERS, "Content-Type": content_type},
+    )
+    assert bad.status_code == 400, bad.text
+
+
+def ledger_seed(org_id: str) -> None:
+    with database.connection_context():
+        ledger.grant(org_id, 5 * DOLLAR, "top_up", "seed")
