@@ -24,8 +24,8 @@ from billing.config import get_settings
 from billing.errors import Conflict, PaymentRequired
 from billing.stripe_gateway import ChargeOutcome
 from billing.units import DOLLAR
-from tests.conftest import SERVICE_HEADERS
 from models import AutoRechargeRequest, BillingAccount, CreditEntry, database, is_postgres, utcnow
+from tests.conftest import SERVICE_HEADERS
 
 # --- an Idempotency-Key owner that lost its lease -----------------------------------------
 
@@ -80,9 +80,8 @@ def test_a_slow_owner_that_fails_keeps_its_takers_claim(db, clock, round_):
         ran.append("third")
         return {"by": "third"}
 
-    with database.connection_context():
-        with pytest.raises(Conflict, match="in progress"):
-            idempotency.run_once(scope, key, body, third_work)
+    with database.connection_context(), pytest.raises(Conflict, match="in progress"):
+        idempotency.run_once(scope, key, body, third_work)
     release_taker.set()
     taker.join(30)
     assert results["2"] == {"by": "taker"}
@@ -204,7 +203,11 @@ class _CountingGateway:
         self.charges = 0
 
     def charge_off_session(
-        self, organization_id: str, customer_id: str, payment_method_id: str, amount: int,
+        self,
+        organization_id: str,
+        customer_id: str,
+        payment_method_id: str,
+        amount: int,
         attempt_id: str,
     ) -> ChargeOutcome:
         self.charges += 1
@@ -278,3 +281,49 @@ def test_a_json_body_in_any_letter_case_is_read(client, org, content_type):
 def ledger_seed(org_id: str) -> None:
     with database.connection_context():
         ledger.grant(org_id, 5 * DOLLAR, "top_up", "seed")
+
+
+# --- one caller's Idempotency-Key is not another's Stripe key --------------------------------
+
+
+def test_two_admins_with_one_idempotency_key_get_distinct_stripe_keys(client, org, stripe_mode):
+    """Idempotency-Keys are the caller's (the replay scope names the user), but the Stripe key
+    was `top-up:{org}:{key}`: a second admin who happened to pick the same key sent Stripe
+    the first admin's key with other parameters, which real Stripe refuses for 24 hours
+    (idempotency_error: every retry a 5xx), or, with the same body, was handed the other
+    admin's session."""
+    key = "top-up-1"
+    owner = client.post(
+        f"/v1/billing/{org.id}/top-up",
+        json=TOP_UP,
+        headers={**org.owner, "Idempotency-Key": key},
+    )
+    assert owner.status_code == 200, owner.text
+    admin = client.post(
+        f"/v1/billing/{org.id}/top-up",
+        json={**TOP_UP, "amountDecimillicents": 20 * DOLLAR},
+        headers={**org.admin, "Idempotency-Key": key},
+    )
+    assert admin.status_code == 200, admin.text
+    sent = [k for k in stripe_mode.idempotency_keys if k and k.startswith("top-up")]
+    assert len(sent) == 2 and len(set(sent)) == 2, sent
+    checkout = {
+        "organizationId": org.id,
+        "subscriptionPlan": "pro",
+        "successUrl": "https://example.com/ok",
+        "cancelUrl": "https://example.com/no",
+    }
+    for caller in (org.owner, org.admin):
+        r = client.post(
+            "/v1/billing/checkout", json=checkout, headers={**caller, "Idempotency-Key": key}
+        )
+        assert r.status_code == 200, r.text
+    sent = [k for k in stripe_mode.idempotency_keys if k and k.startswith("checkout")]
+    assert len(sent) == 2 and len(set(sent)) == 2, sent
+
+
+TOP_UP = {
+    "amountDecimillicents": 10 * DOLLAR,
+    "successUrl": "https://example.com/ok",
+    "cancelUrl": "https://example.com/no",
+}
