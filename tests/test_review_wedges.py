@@ -327,3 +327,37 @@ TOP_UP = {
     "successUrl": "https://example.com/ok",
     "cancelUrl": "https://example.com/no",
 }
+
+
+# --- the rate limiter keys the credential the request is served as ---------------------------
+
+
+@pytest.fixture
+def limited_app(db):
+    from handlers.app import create_app
+
+    def make(**overrides: Any) -> Any:
+        settings = get_settings().model_copy(
+            update={"rate_limit_ip": "1000/minute", "rate_limit_principal": "3/minute", **overrides}
+        )
+        return create_app(settings)
+
+    return make
+
+
+def test_a_second_authorization_header_does_not_buy_a_new_budget(limited_app, org):
+    """The request is authenticated with its first Authorization header; the limiter read the
+    last one. A spent caller adding `Authorization: Bearer junk` after its own token was
+    served as itself and counted as an unverified client, whose budget is per address."""
+    url = f"/v1/billing/{org.id}/credits"
+    with limited_app(trusted_proxy_count=1).test_client() as client:
+        for n in range(3):
+            forwarded = {"X-Forwarded-For": f"198.51.100.{n}"}
+            assert client.get(url, headers={**org.owner, **forwarded}).status_code == 200
+        for n in range(3, 6):
+            headers = [
+                ("Authorization", org.owner["Authorization"]),
+                ("Authorization", "Bearer junk"),
+                ("X-Forwarded-For", f"198.51.100.{n}"),
+            ]
+            assert client.get(url, headers=headers).status_code == 429
