@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from billing import ledger, recharge_policy
-from billing.accounts import get_account
+from billing.accounts import get_account, lock_account
 from billing.config import Settings
 from billing.errors import UpstreamUnavailable
 from billing.recharge_policy import IN_FLIGHT, SETTLED, AttemptStatus, FailureKind
@@ -100,10 +100,15 @@ def _owned(request: AutoRechargeRequest) -> Any:
 
 def _settle(condition: Any, attempt: AutoRechargeRequest, status: str, **fields: object) -> bool:
     """Move an attempt out of flight (if `condition` still holds) and free the organization's
-    in-flight slot, in one transaction."""
+    in-flight slot, in one transaction.
+
+    The account row is locked first, as every other writer does (a webhook's grant, the
+    enqueue policy): locking the attempt first deadlocked with the webhook reporting the
+    same payment on PostgreSQL."""
     now = utcnow()
     done = {"completed_at": now} if status in SETTLED else {}
     with write_transaction():
+        lock_account(attempt.organization_id)
         changed = (
             AutoRechargeRequest.update(
                 status=status, updated_at=now, lease_expires_at=None, **done, **fields

@@ -45,8 +45,11 @@ def _lease_end() -> dt.datetime:
     return utcnow() + dt.timedelta(seconds=get_settings().idempotency_lease_seconds)
 
 
-def _existing_or_takeover(scope: str, key: str, digest: str) -> dict[str, Any] | int:
-    """The stored response, or the id of the abandoned claim this request now owns."""
+def _existing_or_takeover(
+    scope: str, key: str, digest: str
+) -> dict[str, Any] | tuple[int, dt.datetime]:
+    """The stored response, or the abandoned claim this request now owns (its id and the
+    lease this request set on it)."""
     record = IdempotencyRecord.get_or_none(
         (IdempotencyRecord.scope == scope) & (IdempotencyRecord.idempotency_key == key)
     )
@@ -61,8 +64,9 @@ def _existing_or_takeover(scope: str, key: str, digest: str) -> dict[str, Any] |
         raise Conflict("a request with this Idempotency-Key is in progress; retry")
     # The owner's lease ran out (it died, or is far past any deadline): take the claim over,
     # compare-and-set on the old lease so that of two takers only one wins.
+    lease = _lease_end()
     taken = (
-        IdempotencyRecord.update(lease_expires_at=_lease_end())
+        IdempotencyRecord.update(lease_expires_at=lease)
         .where(
             (IdempotencyRecord.id == record.id)
             & IdempotencyRecord.response_body.is_null()
@@ -76,7 +80,7 @@ def _existing_or_takeover(scope: str, key: str, digest: str) -> dict[str, Any] |
     )
     if not taken:
         raise Conflict("a request with this Idempotency-Key is in progress; retry")
-    return int(record.id)
+    return int(record.id), lease
 
 
 def run_once(
@@ -87,24 +91,30 @@ def run_once(
         return work()
     digest = fingerprint(request)
     stored_scope = scope_digest(scope)
+    lease = _lease_end()
     try:
         with database.atomic():
             record_id = IdempotencyRecord.create(
                 scope=stored_scope,
                 idempotency_key=key,
                 fingerprint=digest,
-                lease_expires_at=_lease_end(),
+                lease_expires_at=lease,
             ).id
     except peewee.IntegrityError:
         found = _existing_or_takeover(stored_scope, key, digest)
         if isinstance(found, dict):
             return found
-        record_id = found
+        record_id, lease = found
     try:
         response = work()
     except BaseException:
+        # Drop the claim only while it is still ours: a slow request whose lease ran out
+        # and was taken over must not free the key under the taker (a third request would
+        # then run the work alongside it).
         IdempotencyRecord.delete().where(
-            (IdempotencyRecord.id == record_id) & IdempotencyRecord.response_body.is_null()
+            (IdempotencyRecord.id == record_id)
+            & IdempotencyRecord.response_body.is_null()
+            & (IdempotencyRecord.lease_expires_at == lease)
         ).execute()
         raise
     IdempotencyRecord.update(

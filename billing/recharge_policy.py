@@ -5,6 +5,8 @@ Rules:
 - a request is written when available credit is below the threshold after a debit or
   reservation, when a debit or reservation was refused for lack of credit (whatever the
   threshold), and when the payment method changes while available is below the threshold;
+  never without a saved customer and card (it could only fail, and count toward turning
+  auto-recharge off);
 - at most one request is in flight (pending or processing) per organization, and none is made
   within `AUTO_RECHARGE_COOLDOWN_SECONDS` of the previous one;
 - `AUTO_RECHARGE_MAX_FAILURES` consecutive counted failures (declines, permanent refusals)
@@ -64,6 +66,10 @@ def request_if_due(account: BillingAccount, *, refused: bool = False) -> str | N
     if not account.auto_recharge_enabled or account.auto_recharge_threshold is None:
         return None
     if account.auto_recharge_amount is None:
+        return None
+    if not (account.stripe_customer_id and account.stripe_payment_method_id):
+        # Nothing to charge: such an attempt could only fail and count toward turning
+        # auto-recharge off. Saving a card reconsiders (`remember_payment_method`).
         return None
     available = account.credits_balance - account.reserved_credits
     if not refused and available >= account.auto_recharge_threshold:

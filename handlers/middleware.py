@@ -119,13 +119,25 @@ class JsonContentTypeMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in BODY_METHODS and _has_body(scope):
+        if scope["type"] == "http" and scope["method"] in BODY_METHODS:
             content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
-            media_type = content_type.split(";", 1)[0].strip().lower()
-            if not (media_type == "application/json" or media_type.endswith("+json")):
+            media_type, separator, parameters = content_type.partition(";")
+            media_type = media_type.strip().lower()
+            if _has_body(scope) and not (
+                media_type == "application/json" or media_type.endswith("+json")
+            ):
                 await send_problem(send, 415, "a request body needs Content-Type: application/json")
                 return
+            if content_type:
+                # Media types are case-insensitive, Connexion's lookup is not: an
+                # `Application/JSON` body reached the handler as raw bytes (a 500).
+                scope = _with_content_type(scope, f"{media_type}{separator}{parameters}")
         await self.app(scope, receive, send)
+
+
+def _with_content_type(scope: Scope, content_type: str) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", content_type.encode("latin-1"))]}
 
 
 def _has_body(scope: Scope) -> bool:

@@ -83,7 +83,12 @@ class RateLimitMiddleware:
         return None
 
     def _checks(self, scope: Scope) -> list[tuple[RateLimitItem, str]]:
-        headers = dict(scope["headers"])
+        # A repeated header counts by its first value, the one the request is authenticated
+        # with (dict() kept the last: `Authorization: Bearer junk` after a spent caller's own
+        # token moved it to a fresh, per-address budget).
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)
         ip = self._client_ip(scope)
         if scope["path"] == WEBHOOK_PATH:
             return [(self.webhook_limit, f"webhook:{ip}")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from billing import checkout
@@ -10,6 +11,15 @@ from billing.config import get_settings
 from billing.idempotency import run_once
 from billing.stripe_gateway import SessionInfo, get_gateway
 from handlers.context import idempotency_key
+
+
+def _stripe_key(user_id: str, key: str | None) -> str | None:
+    """The caller's Idempotency-Key is theirs (the replay scope names the user): another
+    admin who picks the same key must not reuse, or be refused, the first one's Stripe key.
+    The user is named by a digest: unambiguous whatever the subject holds, and not sent."""
+    if key is None:
+        return None
+    return f"{hashlib.sha256(user_id.encode()).hexdigest()[:32]}:{key}"
 
 
 def _session(info: SessionInfo) -> dict[str, Any]:
@@ -32,7 +42,7 @@ def create_checkout_session(body: dict[str, Any], token_info: dict[str, Any]) ->
                 body["cancelUrl"],
                 get_gateway(),
                 get_settings(),
-                key,
+                _stripe_key(user.user_id, key),
             )
         ),
     )
@@ -66,7 +76,7 @@ def create_top_up_session(
                 body["successUrl"],
                 body["cancelUrl"],
                 get_gateway(),
-                key,
+                _stripe_key(user.user_id, key),
             )
         ),
     )

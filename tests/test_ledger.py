@@ -180,6 +180,13 @@ def test_usage_is_recorded_once_per_reference(org):
     assert_ledger_invariants(org.id)
 
 
+def _save_card(org_id: str) -> None:
+    """Auto-recharge requests need a card to charge (none is written without one)."""
+    BillingAccount.update(stripe_customer_id="cus_test", stripe_payment_method_id="pm_test").where(
+        BillingAccount.organization == org_id
+    ).execute()
+
+
 def test_crossing_threshold_enqueues_one_auto_recharge(org):
     ledger.grant(org.id, 1000, "adjustment")
     accounts.update_settings(
@@ -190,6 +197,7 @@ def test_crossing_threshold_enqueues_one_auto_recharge(org):
             "auto_recharge_amount": 100_000,
         },
     )
+    _save_card(org.id)
     ledger.debit(org.id, 400)
     assert AutoRechargeRequest.select().count() == 0
     ledger.debit(org.id, 200)  # available 400 < 500
@@ -208,6 +216,7 @@ def test_refused_debit_writes_nothing_but_requests_one_recharge(org):
             "auto_recharge_amount": 100_000,
         },
     )
+    _save_card(org.id)
     with pytest.raises(PaymentRequired):
         ledger.debit(org.id, 10)
     # The refusal rolled back (no entry); lack of credit still asks for one recharge.
