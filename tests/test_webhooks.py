@@ -23,6 +23,16 @@ def post(client, body: bytes, signature: str | None = None):
     return client.post(URL, content=body, headers=headers)
 
 
+def deliver(client, body: bytes) -> dict:
+    """Send a signed event that must be accepted and processed as new (not ignored, not a
+    replay): a test that then checks "nothing changed" is only meaningful if it was."""
+    r = post(client, body)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["processed"] is True and result["idempotent"] is False, result
+    return result
+
+
 def link_customer(org_id: str, customer: str = "cus_test_1") -> str:
     with database.connection_context():
         BillingAccount.update(stripe_customer_id=customer).where(
@@ -141,8 +151,8 @@ def test_replay_20_times_concurrently_has_one_effect(client, org, stripe_mode):
 
 def test_checkout_and_payment_intent_for_one_top_up_grant_once(client, org, stripe_mode):
     link_customer(org.id)
-    post(client, event_body("payment_intent.succeeded", top_up_intent(org.id)))
-    post(client, event_body("checkout.session.completed", top_up_session(org.id)))
+    deliver(client, event_body("payment_intent.succeeded", top_up_intent(org.id)))
+    deliver(client, event_body("checkout.session.completed", top_up_session(org.id)))
     assert balance(client, org) == 1000 * CENT
     # The card that paid becomes the saved payment method for auto-recharge.
     settings = client.get(f"/v1/organizations/{org.id}/billing", headers=org.owner).json()
@@ -187,7 +197,7 @@ def subscription(org_id, status, price="price_pro", period_end=1_900_000_000):
 
 def test_out_of_order_subscription_updates(client, org, stripe_mode):
     now = int(time.time())
-    post(
+    deliver(
         client,
         event_body(
             "customer.subscription.updated",
@@ -207,7 +217,7 @@ def test_out_of_order_subscription_updates(client, org, stripe_mode):
     assert settings["subscriptionPlan"] == "agency"
     assert settings["isSubscribed"] is True
     assert settings["stripeSubscriptionId"] == "sub_test_1"
-    post(
+    deliver(
         client,
         event_body(
             "customer.subscription.deleted", subscription(org.id, "canceled"), created=now + 60
@@ -233,15 +243,17 @@ def invoice(org_id, paid_cents=2000, pi="pi_invoice_1", inv_id="in_test_1", crea
 
 def test_first_paid_invoice_grants_welcome_credit_once(client, org, stripe_mode):
     link_customer(org.id)
-    post(client, event_body("invoice.payment_succeeded", invoice(org.id)))
-    post(client, event_body("invoice.payment_succeeded", invoice(org.id, pi="pi_2", inv_id="in_2")))
+    deliver(client, event_body("invoice.payment_succeeded", invoice(org.id)))
+    deliver(
+        client, event_body("invoice.payment_succeeded", invoice(org.id, pi="pi_2", inv_id="in_2"))
+    )
     assert balance(client, org) == 20 * DOLLAR
 
 
 def test_payment_failure_blocks_spending_until_paid(client, org, stripe_mode):
     link_customer(org.id)
-    post(client, event_body("invoice.payment_succeeded", invoice(org.id)))
-    post(
+    deliver(client, event_body("invoice.payment_succeeded", invoice(org.id)))
+    deliver(
         client,
         event_body("invoice.payment_failed", invoice(org.id, 0, None, "in_f", 1_800_000_100)),
     )
@@ -258,7 +270,7 @@ def test_payment_failure_blocks_spending_until_paid(client, org, stripe_mode):
     )
     assert r.status_code == 402
     # An invoice at least as new as the failed one is paid: the grace period ends.
-    post(
+    deliver(
         client,
         event_body(
             "invoice.payment_succeeded", invoice(org.id, 2000, "pi_3", "in_3", 1_800_000_200)
@@ -289,7 +301,7 @@ def charge(org_id, refunded_cents, pi="pi_topup_1"):
 
 def test_refund_after_partial_spend_reverses_at_most_what_remains(client, org, stripe_mode):
     link_customer(org.id)
-    post(client, event_body("checkout.session.completed", top_up_session(org.id)))
+    deliver(client, event_body("checkout.session.completed", top_up_session(org.id)))
     spend = {
         "category": "api_call",
         "quantity": 1,
@@ -302,9 +314,9 @@ def test_refund_after_partial_spend_reverses_at_most_what_remains(client, org, s
         ).status_code
         == 200
     )
-    post(client, event_body("charge.refunded", charge(org.id, 1000)))
+    deliver(client, event_body("charge.refunded", charge(org.id, 1000)))
     assert balance(client, org) == 0  # 300 remained; 300 reversed, not 1000
-    post(client, event_body("charge.refunded", charge(org.id, 1000)))  # a new event, same state
+    deliver(client, event_body("charge.refunded", charge(org.id, 1000)))  # a new event, same state
     assert balance(client, org) == 0
     with database.connection_context():
         refunds = list(CreditEntry.select().where(CreditEntry.entry_type == "refund"))
@@ -314,9 +326,9 @@ def test_refund_after_partial_spend_reverses_at_most_what_remains(client, org, s
 
 def test_partial_refunds_add_up(client, org, stripe_mode):
     link_customer(org.id)
-    post(client, event_body("checkout.session.completed", top_up_session(org.id)))
-    post(client, event_body("charge.refunded", charge(org.id, 200)))
-    post(client, event_body("charge.refunded", charge(org.id, 500)))
+    deliver(client, event_body("checkout.session.completed", top_up_session(org.id)))
+    deliver(client, event_body("charge.refunded", charge(org.id, 200)))
+    deliver(client, event_body("charge.refunded", charge(org.id, 500)))
     assert balance(client, org) == 500 * CENT
 
 
@@ -336,9 +348,9 @@ def dispute(status):
 )
 def test_disputes(client, org, stripe_mode, status, expected):
     link_customer(org.id)
-    post(client, event_body("checkout.session.completed", top_up_session(org.id)))
+    deliver(client, event_body("checkout.session.completed", top_up_session(org.id)))
     if status == "needs_response":  # an opened dispute changes nothing
-        post(client, event_body("charge.dispute.created", dispute(status)))
+        deliver(client, event_body("charge.dispute.created", dispute(status)))
     else:
-        post(client, event_body("charge.dispute.closed", dispute(status)))
+        deliver(client, event_body("charge.dispute.closed", dispute(status)))
     assert balance(client, org) == expected
