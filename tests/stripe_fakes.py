@@ -92,6 +92,10 @@ class FixtureFront:
         self.idempotency_keys: list[str | None] = []
         self.fail_with: int | None = None  # answer every request with this status
         self.delay = 0.0  # seconds to stall before answering (timeouts)
+        # Answer off-session PaymentIntent creation as real Stripe does when the card needs the
+        # customer to authenticate (localstripe cannot): see `authentication_required`.
+        self.require_authentication = False
+        self.authentication_intents: list[dict[str, Any]] = []
         self._fixtures = fixtures()
         front = self
 
@@ -118,6 +122,14 @@ class FixtureFront:
                 if front.fail_with is not None:
                     error = {"error": {"type": "api_error", "message": "injected"}}
                     return self._respond(front.fail_with, json.dumps(error).encode())
+                if (
+                    front.require_authentication
+                    and self.command == "POST"
+                    and path == "/v1/payment_intents"
+                    and params.get("off_session") == "true"
+                ):
+                    body = front.authentication_required(params)
+                    return self._respond(402, json.dumps(body).encode())
                 if self.command == "POST" and path == "/v1/checkout/sessions":
                     return self._respond(200, json.dumps(front.checkout(params)).encode())
                 if self.command == "POST" and path == "/v1/billing_portal/sessions":
@@ -158,6 +170,33 @@ class FixtureFront:
             payment_status="unpaid",
         )
         return session
+
+    def authentication_required(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Stripe's answer to an off-session charge that needs 3-D Secure: HTTP 402, a
+        `card_error` with code `authentication_required`, and the PaymentIntent (status
+        requires_payment_method, with its client secret) for bringing the customer back."""
+        intent_id = f"pi_{uuid.uuid4().hex[:24]}"
+        intent = stripe_object(
+            "payment_intent",
+            id=intent_id,
+            amount=int(params["amount"]),
+            currency=params.get("currency", "usd"),
+            customer=params.get("customer"),
+            payment_method=params.get("payment_method"),
+            metadata=params.get("metadata", {}),
+            status="requires_payment_method",
+            client_secret=f"{intent_id}_secret_{uuid.uuid4().hex[:24]}",
+        )
+        self.authentication_intents.append(intent)
+        return {
+            "error": {
+                "type": "card_error",
+                "code": "authentication_required",
+                "decline_code": "authentication_required",
+                "message": "Your card was declined. This transaction requires authentication.",
+                "payment_intent": intent,
+            }
+        }
 
     def portal(self, params: dict[str, Any]) -> dict[str, Any]:
         session = copy.deepcopy(self._fixtures["billing_portal.session"])
