@@ -43,7 +43,7 @@ def _ensure_mutmut() -> Path:
     return exe
 
 
-def _write_config(module: str) -> str:
+def _write_config(module: str, tests: list[str]) -> str:
     """mutmut 3 reads [mutmut] from setup.cfg; write one for this module, return the old."""
     cfg = ROOT / "setup.cfg"
     previous = cfg.read_text() if cfg.exists() else ""
@@ -54,17 +54,17 @@ def _write_config(module: str) -> str:
     cfg.write_text(
         "[mutmut]\n"
         f"source_paths={module}\n"
-        f"pytest_add_cli_args_test_selection={listed(TEST_SELECTION)}\n"
+        f"pytest_add_cli_args_test_selection={listed(tests)}\n"
         f"also_copy={listed(['billing/', 'handlers/', 'models/', 'scripts/', 'openapi.yaml'])}\n"
         f"pytest_add_cli_args={listed(['-q'])}\n"
     )
     return previous
 
 
-def run_module(module: str, workers: int) -> collections.Counter[str]:
+def run_module(module: str, workers: int, tests: list[str]) -> collections.Counter[str]:
     mutmut = _ensure_mutmut()
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
-    previous = _write_config(module)
+    previous = _write_config(module, tests)
     try:
         subprocess.run(
             [str(mutmut), "run", "--max-children", str(workers)],
@@ -100,11 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts.mutation")
     parser.add_argument("--modules", nargs="+", default=MONEY_MODULES)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--tests",
+        nargs="+",
+        default=TEST_SELECTION,
+        help="pytest selection (default: every in-process test)",
+    )
     args = parser.parse_args(argv)
     rows = []
     for module in args.modules:
         print(f"== {module}")
-        counts = run_module(module, args.workers)
+        counts = run_module(module, args.workers, args.tests)
         killed, survived = counts["killed"], counts["survived"]
         other = sum(counts.values()) - killed - survived
         score = killed / (killed + survived) if killed + survived else 0.0
