@@ -210,22 +210,28 @@ def check_can_spend(account: BillingAccount, amount: int, overdraft: int) -> Non
         raise PaymentRequired(reason[1])
 
 
-def spend_refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str, str] | None:
+def spend_refusal(
+    account: BillingAccount, amount: int, overdraft: int, *, now: dt.datetime | None = None
+) -> tuple[str, str] | None:
     """Why `amount` more may not be spent now (reason code, message), counted; None if it may.
-    Needs the account lock; batch ingestion asks this per event instead of raising."""
-    reason = _refusal(account, amount, overdraft)
+    Needs the account lock; batch ingestion asks this per event instead of raising, passing
+    the `now` its charges are written at, so the cap is checked against the month they count in
+    (a batch running across midnight of a month's end must not see the new month's zero)."""
+    reason = _refusal(account, amount, overdraft, now or utcnow())
     if reason is not None:
         LEDGER_REFUSALS.labels(reason[0]).inc()
     return reason
 
 
-def _refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str, str] | None:
+def _refusal(
+    account: BillingAccount, amount: int, overdraft: int, now: dt.datetime
+) -> tuple[str, str] | None:
     if suspended_since(account) is not None:
         return "suspended", "the organization is suspended"
     if account.payment_grace_period_ends_at is not None:
         return "payment_failed", "a payment failed; update the payment method to continue"
     if account.usage_cap is not None:
-        spent = month_spend(account, utcnow()) + account.reserved_credits
+        spent = month_spend(account, now) + account.reserved_credits
         if spent + amount > account.usage_cap:
             return "usage_cap", "this would exceed the usage cap for the current period"
     available = account.credits_balance - account.reserved_credits

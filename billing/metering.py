@@ -279,7 +279,7 @@ def record_usage_batch(events: Sequence[UsageEvent], overdraft: int = 0) -> list
                     )
                 )
                 continue
-            refusal = ledger.spend_refusal(account, event.cost, overdraft)
+            refusal = ledger.spend_refusal(account, event.cost, overdraft, now=now)
             if refusal is not None:
                 outcomes.append(
                     EventOutcome(
