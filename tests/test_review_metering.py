@@ -12,7 +12,7 @@ import pytest
 
 from billing import ledger, metering
 from billing.organizations import create_organization
-from models import BillingAccount, CreditEntry, database
+from models import AutoRechargeRequest, BillingAccount, CreditEntry, database
 from models.clock import use_clock
 
 NOV_LAST_MS = dt.datetime(2026, 11, 30, 23, 59, 59, 999000)
@@ -54,3 +54,36 @@ def test_a_batch_straddling_midnight_keeps_the_usage_cap(capped_org):
     assert charged_in_november <= 500, [o.status.value for o in outcomes]
     assert (account.spend_month, account.month_spend) == ("2026-11", charged_in_november)
     assert [o.status.value for o in outcomes] == ["recorded"] * 5 + ["refused"] * 15
+
+
+def _statements(action) -> list[str]:
+    from tests.test_metering_scale import statements_of
+
+    return statements_of(action)
+
+
+def test_a_batch_refused_for_lack_of_credit_costs_the_same_over_5_or_50_organizations(db):
+    """Each organization refused for lack of credit got its own transaction and row lock after
+    the batch committed (to consider auto-recharge, even with auto-recharge off): 7 statements
+    for 5 organizations, 52 for 50. The batch's own locks decide it, in its own transaction."""
+    counts = {}
+    with database.connection_context():
+        for n in (5, 50):
+            orgs = [create_organization(f"broke-{n}-{i}").id for i in range(n)]
+            events = [metering.usage_event(o, "api_call", 1, 100, "r") for o in orgs]
+            counts[n] = len(_statements(lambda events=events: metering.record_usage_batch(events)))
+        assert counts[5] == counts[50], counts
+        # With auto-recharge on, a refusal still asks for exactly one recharge (and a repeat
+        # inside the cooldown none).
+        org_id = create_organization("recharge").id
+        BillingAccount.update(
+            auto_recharge_enabled=True, auto_recharge_threshold=1000, auto_recharge_amount=10**6
+        ).where(BillingAccount.organization == org_id).execute()
+        event = metering.usage_event(org_id, "api_call", 1, 100, "r")
+        for _ in range(2):
+            (outcome,) = metering.record_usage_batch([event])
+            assert outcome.refusal_code == "insufficient_credits"
+        requests = AutoRechargeRequest.select().where(AutoRechargeRequest.organization == org_id)
+        assert [r.amount for r in requests] == [10**6]
+        account = BillingAccount.get_by_id(org_id)
+        assert account.auto_recharge_in_flight_id == requests.get().id
