@@ -6,6 +6,7 @@ Each test here reproduced a break before its fix (numbers in the review report).
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -87,3 +88,31 @@ def test_a_batch_refused_for_lack_of_credit_costs_the_same_over_5_or_50_organiza
         assert [r.amount for r in requests] == [10**6]
         account = BillingAccount.get_by_id(org_id)
         assert account.auto_recharge_in_flight_id == requests.get().id
+
+
+@pytest.mark.parametrize(
+    ("user_id", "email"),
+    [
+        ("a\x00b", None),  # PostgreSQL refuses NUL: psycopg2 raised ValueError (a traceback)
+        ("u" * 256, None),  # longer than memberships.user_id: DataError on PostgreSQL
+        ("has space", None),
+        ("dana", "not-an-email"),  # stored as is before
+        ("dana", "d@" + "e" * 250 + ".io"),  # longer than memberships.email
+    ],
+)
+def test_directory_service_refuses_what_the_contract_refuses(db, user_id, email):
+    """`scripts.admin put-member/remove-member` reach the directory service without the HTTP
+    layer's checks: a user id or email the contract refuses crashed on PostgreSQL or was stored
+    (on SQLite) where the API could never address it. The service now says 400 itself."""
+    from billing import directory
+    from billing.errors import InvalidRequest
+    from models import Membership
+
+    with database.connection_context():
+        org_id = directory.put_organization(str(uuid.uuid4()), "Directory").id
+        with pytest.raises(InvalidRequest):
+            directory.put_member(org_id, user_id, "member", email)
+        if email is None:
+            with pytest.raises(InvalidRequest):
+                directory.remove_member(org_id, user_id)
+        assert Membership.select().count() == 0
