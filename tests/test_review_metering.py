@@ -116,3 +116,45 @@ def test_directory_service_refuses_what_the_contract_refuses(db, user_id, email)
             with pytest.raises(InvalidRequest):
                 directory.remove_member(org_id, user_id)
         assert Membership.select().count() == 0
+
+
+def test_a_full_batch_the_contract_allows_is_not_refused_for_its_size(client, db):
+    """1,000 events (the contract's maximum) with 1.2 KB of metadata each (under its 4 KiB per
+    event) make a 1.3 MB body: it was answered 400 "request body is larger than 1048576
+    bytes", so a platform batching events with ordinary metadata lost whole batches."""
+    from tests.conftest import SERVICE_HEADERS
+
+    with database.connection_context():
+        org_id = create_organization("big batch").id
+        ledger.grant(org_id, 10**9, "top_up", "seed")
+    events = [
+        {
+            "organizationId": org_id,
+            "category": "text_generation",
+            "quantity": 1,
+            "unitCostDecimillicents": 1,
+            "referenceId": f"run-{i}",
+            "metadata": {"prompt_digest": "p" * 1200},
+        }
+        for i in range(metering.MAX_BATCH_EVENTS)
+    ]
+    response = client.post(
+        "/v1/service/usage/batch", json={"events": events}, headers=SERVICE_HEADERS
+    )
+    assert response.status_code == 200, response.text[:200]
+    assert {r["status"] for r in response.json()["results"]} == {"recorded"}
+    with database.connection_context():
+        assert BillingAccount.get_by_id(org_id).credits_balance == 10**9 - 1000
+    # The general limit still holds elsewhere, and the batch's own limit holds for the batch.
+    single = client.post(
+        f"/v1/service/organizations/{org_id}/usage",
+        json={**events[0], "metadata": {"x": "p" * 1_100_000}},
+        headers=SERVICE_HEADERS,
+    )
+    assert single.status_code == 400 and "larger than 1048576" in single.text
+    huge = client.post(
+        "/v1/service/usage/batch",
+        json={"events": [{**events[0], "metadata": {"x": "p" * 5_200_000}}]},
+        headers=SERVICE_HEADERS,
+    )
+    assert huge.status_code == 400 and "larger than 5120000" in huge.text
