@@ -80,7 +80,7 @@ def _append(
 ) -> CreditEntry:
     """Append one entry to a locked account and move its balance (and, for spending, the
     month's running spend) with it: one INSERT and one UPDATE, whatever the history."""
-    now = utcnow()
+    now = account_now(account)
     entry = CreditEntry(
         organization=account.organization_id,
         entry_type=entry_type,
@@ -146,6 +146,17 @@ ACCOUNT_TOTALS: list[Field] = [
 def month_key(now: dt.datetime) -> str:
     """The UTC month `now` falls in, as `spend_month` stores it ('YYYY-MM')."""
     return f"{now.year:04d}-{now.month:02d}"
+
+
+def account_now(account: BillingAccount) -> dt.datetime:
+    """Now, for a write on this locked account: never before the start of its running spend's
+    month. A worker whose clock is a little behind at midnight of a month's end would otherwise
+    stamp a charge into the month before, resetting the new month's running spend (and its cap)."""
+    now = utcnow()
+    if account.spend_month is not None and account.spend_month > month_key(now):
+        year, month = (int(part) for part in account.spend_month.split("-"))
+        return dt.datetime(year, month, 1)
+    return now
 
 
 def month_spend(account: BillingAccount, now: dt.datetime) -> int:
@@ -217,7 +228,7 @@ def spend_refusal(
     Needs the account lock; batch ingestion asks this per event instead of raising, passing
     the `now` its charges are written at, so the cap is checked against the month they count in
     (a batch running across midnight of a month's end must not see the new month's zero)."""
-    reason = _refusal(account, amount, overdraft, now or utcnow())
+    reason = _refusal(account, amount, overdraft, now or account_now(account))
     if reason is not None:
         LEDGER_REFUSALS.labels(reason[0]).inc()
     return reason

@@ -36,7 +36,6 @@ from models import (
     UsageRecord,
     is_postgres,
     locked,
-    utcnow,
     write_transaction,
 )
 
@@ -260,7 +259,7 @@ def record_usage_batch(events: Sequence[UsageEvent], overdraft: int = 0) -> list
     with write_transaction():
         accounts = _lock_accounts({e.organization_id for e in events})
         known: dict[tuple[str, str], Usage] = dict(_recorded_before(events))
-        now = utcnow()
+        now = max(ledger.account_now(account) for account in accounts.values())
         day = day_key(now)
         new_records: list[tuple[NewUsage, UsageEvent]] = []
         entry_rows: list[dict[str, Any]] = []

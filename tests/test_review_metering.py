@@ -158,3 +158,37 @@ def test_a_full_batch_the_contract_allows_is_not_refused_for_its_size(client, db
         headers=SERVICE_HEADERS,
     )
     assert huge.status_code == 400 and "larger than 5120000" in huge.text
+
+
+@pytest.mark.parametrize("path", ["debit", "batch"])
+def test_a_clock_a_little_behind_cannot_reset_the_new_months_spend(capped_org, path):
+    """Two workers whose clocks differ by 2 ms at midnight of a month's end: a charge stamped
+    November after December's first charge moved the running spend back to November (December's
+    400 forgotten), so December could spend 400 + 100 + 400 against a 500 cap. An account's
+    entries now never go back in time (never before its own last write)."""
+    from billing.audit import ledger_problems
+    from billing.errors import PaymentRequired
+
+    def spend(amount: int, ref: str) -> str:
+        if path == "debit":
+            try:
+                ledger.debit(capped_org, amount)
+            except PaymentRequired:
+                return "refused"
+            return "recorded"
+        (outcome,) = metering.record_usage_batch(
+            [metering.usage_event(capped_org, "api_call", 1, amount, ref)]
+        )
+        return outcome.status.value
+
+    ahead = DEC_FIRST + dt.timedelta(milliseconds=1)
+    with use_clock(lambda: ahead):
+        assert spend(400, "a") == "recorded"
+    with use_clock(lambda: NOV_LAST_MS):  # the other worker, 2 ms behind
+        assert spend(200, "b") == "refused"  # December: 400 + 200 > 500
+        assert spend(100, "c") == "recorded"
+    with use_clock(lambda: ahead + dt.timedelta(milliseconds=1)):
+        assert spend(400, "d") == "refused"
+    account = BillingAccount.get_by_id(capped_org)
+    assert (account.spend_month, account.month_spend) == ("2026-12", 500)
+    assert ledger_problems(capped_org) == []
