@@ -11,6 +11,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from billing.accounts import EMAIL
 from billing.auth import Role
 from billing.errors import InvalidRequest, NotFound
 from models import BillingAccount, Membership, Organization, database
@@ -20,6 +21,10 @@ MAX_NAME = 200
 # NUL). The contract states the same pattern.
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
 _TEXT = re.compile(TEXT_PATTERN)
+# A member's user id, as the contract's UserId parameter states it (printable ASCII, no '/').
+USER_ID_PATTERN = r"^[\x21-\x2e\x30-\x7e]{1,255}$"
+_USER_ID = re.compile(USER_ID_PATTERN)
+MAX_EMAIL = 254
 
 
 def clean_text(name: str, value: object, max_length: int) -> str:
@@ -53,6 +58,22 @@ def canonical_id(organization_id: str) -> str:
         raise InvalidRequest("organizationId must be a UUID") from None
 
 
+def _user_id(user_id: object) -> str:
+    """The contract's rule, checked here too: `scripts.admin` reaches this service without the
+    HTTP layer (PostgreSQL refused a NUL or an over-long id with a crash)."""
+    if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
+        raise InvalidRequest("userId must be 1 to 255 printable ASCII characters, without '/'")
+    return user_id
+
+
+def _email(email: object) -> str | None:
+    if email is not None and (
+        not isinstance(email, str) or len(email) > MAX_EMAIL or not EMAIL.fullmatch(email)
+    ):
+        raise InvalidRequest("email must be an ASCII email address")
+    return email
+
+
 def _existing(organization_id: str) -> Organization:
     organization = Organization.get_or_none(Organization.id == organization_id)
     if organization is None:
@@ -79,6 +100,7 @@ def put_member(
     if role not in Role.__members__:
         raise InvalidRequest(f"role must be one of {', '.join(Role.__members__)}")
     org_id = canonical_id(organization_id)
+    user_id, email = _user_id(user_id), _email(email)
     with database.atomic():
         _existing(org_id)
         update: dict[object, object] = {Membership.role: role}
@@ -93,6 +115,7 @@ def put_member(
 def remove_member(organization_id: str, user_id: str) -> MemberRemoval:
     """Remove the user from the organization; removing a non-member is a no-op, not an error."""
     org_id = canonical_id(organization_id)
+    user_id = _user_id(user_id)
     with database.atomic():
         _existing(org_id)
         removed = (

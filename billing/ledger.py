@@ -80,7 +80,7 @@ def _append(
 ) -> CreditEntry:
     """Append one entry to a locked account and move its balance (and, for spending, the
     month's running spend) with it: one INSERT and one UPDATE, whatever the history."""
-    now = utcnow()
+    now = account_now(account)
     entry = CreditEntry(
         organization=account.organization_id,
         entry_type=entry_type,
@@ -148,6 +148,17 @@ def month_key(now: dt.datetime) -> str:
     return f"{now.year:04d}-{now.month:02d}"
 
 
+def account_now(account: BillingAccount) -> dt.datetime:
+    """Now, for a write on this locked account: never before the start of its running spend's
+    month. A worker whose clock is a little behind at midnight of a month's end would otherwise
+    stamp a charge into the month before, resetting the new month's running spend (and its cap)."""
+    now = utcnow()
+    if account.spend_month is not None and account.spend_month > month_key(now):
+        year, month = (int(part) for part in account.spend_month.split("-"))
+        return dt.datetime(year, month, 1)
+    return now
+
+
 def month_spend(account: BillingAccount, now: dt.datetime) -> int:
     """Credits spent in the month of `now`, from the account row alone (no aggregate): the
     running total counts only while its month is the current one."""
@@ -210,22 +221,28 @@ def check_can_spend(account: BillingAccount, amount: int, overdraft: int) -> Non
         raise PaymentRequired(reason[1])
 
 
-def spend_refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str, str] | None:
+def spend_refusal(
+    account: BillingAccount, amount: int, overdraft: int, *, now: dt.datetime | None = None
+) -> tuple[str, str] | None:
     """Why `amount` more may not be spent now (reason code, message), counted; None if it may.
-    Needs the account lock; batch ingestion asks this per event instead of raising."""
-    reason = _refusal(account, amount, overdraft)
+    Needs the account lock; batch ingestion asks this per event instead of raising, passing
+    the `now` its charges are written at, so the cap is checked against the month they count in
+    (a batch running across midnight of a month's end must not see the new month's zero)."""
+    reason = _refusal(account, amount, overdraft, now or account_now(account))
     if reason is not None:
         LEDGER_REFUSALS.labels(reason[0]).inc()
     return reason
 
 
-def _refusal(account: BillingAccount, amount: int, overdraft: int) -> tuple[str, str] | None:
+def _refusal(
+    account: BillingAccount, amount: int, overdraft: int, now: dt.datetime
+) -> tuple[str, str] | None:
     if suspended_since(account) is not None:
         return "suspended", "the organization is suspended"
     if account.payment_grace_period_ends_at is not None:
         return "payment_failed", "a payment failed; update the payment method to continue"
     if account.usage_cap is not None:
-        spent = month_spend(account, utcnow()) + account.reserved_credits
+        spent = month_spend(account, now) + account.reserved_credits
         if spent + amount > account.usage_cap:
             return "usage_cap", "this would exceed the usage cap for the current period"
     available = account.credits_balance - account.reserved_credits

@@ -9,6 +9,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from billing.metering import MAX_BATCH_EVENTS, MAX_METADATA_BYTES
 from handlers.context import request_id
 from handlers.observability import ERRORS, LATENCY, OPERATIONAL_PATHS, REQUESTS, access_log
 from handlers.problems import send_problem
@@ -29,6 +30,14 @@ class EdgeMiddleware:
         self.app = app
         self.spec = spec
         self.max_bytes = max_bytes
+        # A usage batch the contract allows (1,000 events, each up to 4 KiB of metadata) is
+        # larger than the general limit: that one operation gets room for its largest body.
+        self.batch_max_bytes = max(max_bytes, MAX_BATCH_EVENTS * (MAX_METADATA_BYTES + 1024))
+
+    def _limit(self, scope: Scope) -> int:
+        if self._operation(scope) == "recordUsageBatch":
+            return self.batch_max_bytes
+        return self.max_bytes
 
     def _operation(self, scope: Scope) -> str:
         if scope["path"] in OPERATIONAL_PATHS:
@@ -46,6 +55,7 @@ class EdgeMiddleware:
         token = request_id.set(rid)
         status = 500
         received = 0
+        max_bytes = self._limit(scope)
 
         async def edge_send(message: Message) -> None:
             nonlocal status
@@ -62,25 +72,25 @@ class EdgeMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     raise BodyTooLarge()
             return message
 
         try:
             length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                await self._refuse(edge_send)
+            if length is not None and (not length.isdigit() or int(length) > max_bytes):
+                await self._refuse(edge_send, max_bytes)
             else:
                 try:
                     await self.app(scope, limited_receive, edge_send)
                 except BodyTooLarge:
-                    await self._refuse(edge_send)
+                    await self._refuse(edge_send, max_bytes)
         finally:
             self._log(scope, status, time.perf_counter() - started)
             request_id.reset(token)
 
-    async def _refuse(self, send: Send) -> None:
-        await send_problem(send, 413, f"request body is larger than {self.max_bytes} bytes")
+    async def _refuse(self, send: Send, max_bytes: int) -> None:
+        await send_problem(send, 413, f"request body is larger than {max_bytes} bytes")
 
     def _log(self, scope: Scope, status: int, elapsed: float) -> None:
         operation = self._operation(scope)

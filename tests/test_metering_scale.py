@@ -182,7 +182,7 @@ def test_summary_over_any_period_equals_a_recount(org, monkeypatch):
     )
     moments += [dt.datetime(2026, 11, 1), dt.datetime(2026, 11, 2) - dt.timedelta(microseconds=1)]
     for i, moment in enumerate(sorted(moments)):
-        monkeypatch.setattr(metering, "utcnow", lambda moment=moment: moment)
+        monkeypatch.setattr(ledger, "utcnow", lambda moment=moment: moment)
         category = ("api_call", "workflow_execution")[i % 2]
         metering.record_usage(
             org.id, category, rng.randrange(1, 50), rng.randrange(0, 900), f"r{i}"
