@@ -77,8 +77,12 @@ def test_a_batch_refused_for_lack_of_credit_costs_the_same_over_5_or_50_organiza
         # With auto-recharge on, a refusal still asks for exactly one recharge (and a repeat
         # inside the cooldown none).
         org_id = create_organization("recharge").id
-        BillingAccount.update(
-            auto_recharge_enabled=True, auto_recharge_threshold=1000, auto_recharge_amount=10**6
+        BillingAccount.update(  # a saved card: without one no recharge is requested at all
+            auto_recharge_enabled=True,
+            auto_recharge_threshold=1000,
+            auto_recharge_amount=10**6,
+            stripe_customer_id="cus_review",
+            stripe_payment_method_id="pm_review",
         ).where(BillingAccount.organization == org_id).execute()
         event = metering.usage_event(org_id, "api_call", 1, 100, "r")
         for _ in range(2):
