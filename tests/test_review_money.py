@@ -14,7 +14,17 @@ import pytest
 from billing import auto_recharge, ledger
 from billing.organizations import create_organization
 from billing.units import CENT, DOLLAR
-from models import BillingAccount, CreditEntry, database, is_postgres
+from models import (
+    BillingAccount,
+    CreditEntry,
+    StripeDispute,
+    StripeInvoice,
+    StripePayment,
+    StripeSubscription,
+    WebhookEvent,
+    database,
+    is_postgres,
+)
 from tests import stripe_events as ev
 from tests.ledger_checks import assert_ledger_invariants
 
@@ -186,3 +196,30 @@ def test_a_late_event_of_a_spent_refunded_payment_racing_a_new_top_up_takes_noth
         wrong += _balance(org_id) != ORDER
     print(f"late event vs new top-up: {wrong}/{ROUNDS} rounds wrong")
     assert wrong == 0
+
+
+# --- 3. a signed event refused with a 400 by the domain still left its event row ---------
+
+
+def _rows(org_id: str) -> dict[str, int]:
+    with database.connection_context():
+        return {
+            "events": WebhookEvent.select().count(),
+            "entries": CreditEntry.select().where(CreditEntry.organization == org_id).count(),
+            "payments": StripePayment.select().count(),
+            "disputes": StripeDispute.select().count(),
+            "invoices": StripeInvoice.select().count(),
+            "subscriptions": StripeSubscription.select().count(),
+        }
+
+
+def test_an_auto_recharge_of_nothing_is_a_400_that_writes_nothing(client):
+    org_id = _new_org()
+    intent = ev.top_up_intent(org_id, cents=0, pi=f"pi_zero_{org_id[:8]}")
+    intent["metadata"] = {"organization_id": org_id, "kind": "auto_recharge"}
+    before = _rows(org_id)
+    r = ev.post(client, "payment_intent.succeeded", intent)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert _rows(org_id) == before
+    assert _balance(org_id) == 0
