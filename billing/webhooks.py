@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from peewee import IntegrityError
+
 from billing import auto_recharge, disputes, ledger, recharge_policy
 from billing.config import get_settings
 from billing.errors import Conflict, InvalidRequest
@@ -443,6 +445,10 @@ def _dispatch(event: Event) -> tuple[str | None, str]:
         # retrying, so it is recorded and acknowledged, and the log says why.
         log.warning("stripe event %s refused: %s", event.id, exc.detail)
         return org, f"refused: {exc.detail}"
+    except IntegrityError:
+        # Another delivery recorded the same Stripe object (for another organization) while
+        # this one ran: a 409 makes Stripe retry, and the retry is refused as above.
+        raise Conflict("another event recorded this Stripe object at the same time") from None
 
 
 def _organization_of(obj: StripeModel) -> str | None:

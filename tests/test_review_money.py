@@ -223,3 +223,57 @@ def test_an_auto_recharge_of_nothing_is_a_400_that_writes_nothing(client):
     if r.status_code == 400:
         assert _rows(org_id) == before
     assert _balance(org_id) == 0
+
+
+# --- 4. one Stripe object named by two organizations at once: a 500 -----------------------
+
+
+def _answers_with_retry(deliveries: list[tuple[bytes, str]]) -> list[str]:
+    """Deliver together; a 409 is retried once afterwards, as Stripe would."""
+    from billing.errors import Conflict
+
+    barrier = threading.Barrier(len(deliveries))
+    answers: list[str] = []
+
+    def run(body: bytes, signature: str) -> None:
+        barrier.wait()
+        try:
+            ev.deliver(body, signature)
+            answers.append("200")
+        except Conflict:
+            answers.append("409")
+            ev.deliver(body, signature)  # Stripe's retry
+        except Exception as exc:  # a 500: the caller counts it
+            answers.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=run, args=d) for d in deliveries]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+@pytest.mark.usefixtures("_postgres")
+def test_one_payment_claimed_by_two_organizations_at_once_is_never_a_500():
+    """Sequentially the second claim is refused and acknowledged; concurrently the loser hit
+    the primary key (IntegrityError, a 500). Stripe retries what is not acknowledged, so a
+    retryable answer is fine, a 500 is not; in the end one organization has the credit."""
+    failures = 0
+    for _ in range(ROUNDS):
+        a, b = _new_org(), _new_org()
+        pi = f"pi_shared_{a[:8]}"
+        deliveries = [
+            ev.signed(
+                "checkout.session.completed",
+                ev.top_up_session(
+                    org, pi=pi, session_id=f"cs_{org[:8]}", amount_decimillicents=ORDER
+                ),
+            )
+            for org in (a, b)
+        ]
+        answers = _answers_with_retry(deliveries)
+        credited = sorted([_balance(a), _balance(b)])
+        failures += not (set(answers) <= {"200", "409"} and credited == [0, ORDER])
+    print(f"one payment, two organizations: {failures}/{ROUNDS} rounds wrong")
+    assert failures == 0
