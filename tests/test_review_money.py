@@ -277,3 +277,68 @@ def test_one_payment_claimed_by_two_organizations_at_once_is_never_a_500():
         failures += not (set(answers) <= {"200", "409"} and credited == [0, ORDER])
     print(f"one payment, two organizations: {failures}/{ROUNDS} rounds wrong")
     assert failures == 0
+
+
+# --- 5. a late failure of a replaced, canceled subscription blocks a paying organization -
+
+
+def _account(org_id: str) -> BillingAccount:
+    with database.connection_context():
+        return BillingAccount.get_by_id(org_id)
+
+
+@pytest.mark.parametrize("failure_first", [False, True])
+def test_a_canceled_subscriptions_failure_never_blocks_its_paid_successor(failure_first):
+    """The organization's old subscription is canceled and a new one is active and paid
+    (the newest invoice is paid). The old subscription's last invoice failure, delivered
+    late or before the switch, must not hold the organization in a grace period (402) that
+    nothing could ever end: invoices of the new subscription never resolve the old one's."""
+    org_id = _new_org()
+    t = 1_800_000_000
+    old, new = f"sub_old_{org_id[:8]}", f"sub_new_{org_id[:8]}"
+    failed = ev.signed(
+        "invoice.payment_failed",
+        ev.invoice(
+            org_id, inv=f"in_old_{org_id[:8]}", sub=old, paid_cents=0, status="open", created=t
+        ),
+        created=t + 100,
+    )
+    ev.deliver(
+        *ev.signed(
+            "customer.subscription.created", ev.subscription(org_id, sub=old, created=t), created=t
+        )
+    )
+    if failure_first:
+        ev.deliver(*failed)
+        assert _account(org_id).payment_grace_period_ends_at is not None
+    deleted = ev.subscription(org_id, sub=old, status="canceled", created=t)
+    ev.deliver(*ev.signed("customer.subscription.deleted", deleted, created=t + 500))
+    created = ev.subscription(org_id, sub=new, created=t + 600)
+    ev.deliver(*ev.signed("customer.subscription.created", created, created=t + 600))
+    paid = ev.invoice(org_id, inv=f"in_new_{org_id[:8]}", sub=new, created=t + 600)
+    ev.deliver(*ev.signed("invoice.paid", paid, created=t + 600))
+    if not failure_first:
+        ev.deliver(*failed)
+    account = _account(org_id)
+    assert account.stripe_subscription_id == new and account.subscription_status == "active"
+    assert account.payment_grace_period_ends_at is None
+
+
+def test_the_current_subscriptions_failure_still_starts_the_grace_period():
+    """The guard of the rule above: a failure of the current subscription, even canceled and
+    alone, still holds spending (the fix must not lift every canceled subscription's debt)."""
+    org_id = _new_org()
+    t = 1_800_000_000
+    sub = f"sub_only_{org_id[:8]}"
+    ev.deliver(
+        *ev.signed(
+            "customer.subscription.created", ev.subscription(org_id, sub=sub, created=t), created=t
+        )
+    )
+    failed = ev.invoice(
+        org_id, inv=f"in_{org_id[:8]}", sub=sub, paid_cents=0, status="open", created=t + 100
+    )
+    ev.deliver(*ev.signed("invoice.payment_failed", failed, created=t + 100))
+    deleted = ev.subscription(org_id, sub=sub, status="canceled", created=t)
+    ev.deliver(*ev.signed("customer.subscription.deleted", deleted, created=t + 500))
+    assert _account(org_id).payment_grace_period_ends_at is not None
