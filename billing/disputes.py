@@ -70,7 +70,7 @@ def closed(organization_id: str, dispute: DisputeReport) -> str:
             row.save()
         outcome = f"dispute {dispute.status}"
         if dispute.status == DisputeOutcome.lost and row.payment_id:
-            share = _share(row.payment_id, dispute)
+            share = _share(ledger.payment_on_record(organization_id, row.payment_id), dispute)
             result = ledger.reverse_payment(
                 organization_id,
                 row.payment_id,
@@ -83,10 +83,9 @@ def closed(organization_id: str, dispute: DisputeReport) -> str:
         return outcome
 
 
-def _share(payment_id: str, dispute: DisputeReport) -> int:
+def _share(payment: StripePayment | None, dispute: DisputeReport) -> int:
     """The disputed part of the payment, on the base it was charged in: the charged currency
     and amount, else USD cents against the order, else (unknown base) the whole payment."""
-    payment = StripePayment.get_or_none(StripePayment.id == payment_id)
     if (
         payment is not None
         and payment.charged_amount

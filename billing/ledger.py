@@ -481,10 +481,10 @@ def release_reservation(organization_id: str, reservation_id: str) -> Reservatio
 # One `StripePayment` row per PaymentIntent, read and written only under the account lock,
 # holds the grant and the reversals' shares (billionths of the payment: the cumulative refunded
 # share, and the sum of lost disputes' shares). Each event recomputes the target
-# `min(granted, granted * (refunded + disputed) / 10**9)` and appends at most the difference
-# from what was already reversed, so any interleaving of refunds, disputes and the grant itself
-# takes back at most what the payment granted. The cost is constant per event, whatever the
-# history. A reversal still takes only what is available (see `take_back`).
+# `min(granted, granted * (refunded + disputed) / 10**9)` and appends at most what the event
+# added to it, so any interleaving of refunds, disputes and the grant itself takes back at most
+# what the payment granted. The cost is constant per event, whatever the history. A reversal
+# takes only what is available then; a shortfall is never taken later from other credits.
 
 SHARE_WHOLE = 10**9
 
@@ -540,12 +540,36 @@ def _payment_row(organization_id: str, payment_id: str) -> StripePayment | None:
     return payment
 
 
-def _settle_reversals(account: BillingAccount, payment: StripePayment, reference: str) -> int:
-    """Take back what the payment's shares call for and was not yet taken (at most what is
-    available). Returns the amount taken now."""
+def _reversal_target(payment: StripePayment | None) -> int:
+    """What the payment's grant and shares call for taking back in total."""
+    if payment is None:
+        return 0
     share = min(SHARE_WHOLE, payment.refunded_share + payment.disputed_share)
-    target = min(payment.granted_amount, payment.granted_amount * share // SHARE_WHOLE)
-    due = target - payment.reversed_amount
+    return min(payment.granted_amount, payment.granted_amount * share // SHARE_WHOLE)
+
+
+def _settled_target(payment_id: str) -> int:
+    """The target as of the last settlement: the stored row, before this event changes it."""
+    return _reversal_target(StripePayment.get_or_none(StripePayment.id == payment_id))
+
+
+def payment_on_record(organization_id: str, payment_id: str) -> StripePayment | None:
+    """The payment row, also for a grant made before payments were tracked (auto-recharge,
+    older top-ups); call under the account lock."""
+    return _payment_row(organization_id, payment_id)
+
+
+def _settle_reversals(
+    account: BillingAccount, payment: StripePayment, reference: str, settled: int
+) -> int:
+    """Take back what this event adds to the target (`settled` is the target before it), at
+    most what is available. Returns the amount taken now.
+
+    A shortfall (the payment's credits were already spent) is not carried over: a later event
+    about the same payment must not take credits another payment bought (DESIGN: a reversal
+    takes "at most what remains")."""
+    target = _reversal_target(payment)
+    due = min(target - settled, target - payment.reversed_amount)
     available = max(0, account.credits_balance - account.reserved_credits)
     taken = min(due, available)
     if taken > 0:
@@ -576,6 +600,7 @@ def credit_payment(
     """
     with write_transaction():
         account = lock_account(organization_id)
+        settled = _settled_target(payment_id)
         payment = _payment_row(organization_id, payment_id)
         if payment is None:
             payment = StripePayment.create(
@@ -598,7 +623,7 @@ def credit_payment(
                 _append(account, entry_type, grant_amount, reason, payment_id, ref)
                 granted_now = grant_amount
             payment.granted_amount = existing.amount if existing else grant_amount
-        reversed_now = _settle_reversals(account, payment, payment.charge_id or payment_id)
+        reversed_now = _settle_reversals(account, payment, payment.charge_id or payment_id, settled)
         return PaymentOutcome(payment, granted_now, reversed_now)
 
 
@@ -616,6 +641,7 @@ def reverse_payment(
     transaction under the account lock: never more than the payment granted in total."""
     with write_transaction():
         account = lock_account(organization_id)
+        settled = _settled_target(payment_id)
         payment = _payment_row(organization_id, payment_id)
         if payment is None:
             # Reported before the payment itself: remembered, applied when it is credited.
@@ -627,5 +653,5 @@ def reverse_payment(
             payment.refunded_share = max(payment.refunded_share, min(share, SHARE_WHOLE))
         else:
             payment.disputed_share = min(SHARE_WHOLE, payment.disputed_share + max(share, 0))
-        reversed_now = _settle_reversals(account, payment, reference_id)
+        reversed_now = _settle_reversals(account, payment, reference_id, settled)
         return PaymentOutcome(payment, 0, reversed_now)

@@ -16,6 +16,7 @@ from typing import Any
 
 from billing import ledger
 from billing.accounts import lock_account
+from billing.config import get_settings
 from billing.plans import PLANS, SUBSCRIPTION_STATUSES, is_subscribed
 from models import (
     BillingAccount,
@@ -168,6 +169,7 @@ def record_subscription_event(
         current = current_subscription(organization_id)
         assert current is not None  # this subscription's row, at least
         _show(account, current)
+        _set_grace_period(account, get_settings().payment_grace_period_days)
         if current.id == state.subscription_id:
             return SubscriptionChange.applied
         return SubscriptionChange.recorded
@@ -293,12 +295,25 @@ def _resolve_failures(row: StripeInvoice) -> None:
 
 
 def _set_grace_period(account: BillingAccount, days: int) -> None:
+    """The grace period runs while a failure is unresolved, except one of a canceled
+    subscription the organization has since replaced: its late failure must not block an
+    organization paying for its current subscription (the old one can never be paid again).
+    The account's `stripe_subscription_id` must already be the current one."""
+    replaced = StripeSubscription.select(StripeSubscription.id).where(
+        (StripeSubscription.organization == account.organization_id)
+        & (StripeSubscription.status == "canceled")
+        & (StripeSubscription.id != (account.stripe_subscription_id or ""))
+    )
     unresolved = (
         StripeInvoice.select()
         .where(
             (StripeInvoice.organization == account.organization_id)
             & (StripeInvoice.status == InvoiceStatus.failed.value)
             & (StripeInvoice.resolved == False)  # noqa: E712 - SQL, not Python
+            & (
+                StripeInvoice.subscription_id.is_null()
+                | StripeInvoice.subscription_id.not_in(replaced)
+            )
         )
         .exists()
     )

@@ -27,9 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from peewee import IntegrityError
+
 from billing import auto_recharge, disputes, ledger, recharge_policy
 from billing.config import get_settings
-from billing.errors import Conflict
+from billing.errors import Conflict, InvalidRequest
 from billing.metrics import WEBHOOK_EVENTS
 from billing.plans import PLANS
 from billing.stripe_events import (
@@ -94,15 +96,22 @@ def receive(payload: bytes, signature: str, gateway: BillingGateway) -> WebhookR
             stripe_created=event.created,
             payload=payload.decode("utf-8"),
         ).on_conflict_ignore().execute()
-    with write_transaction():
-        stored = locked(WebhookEvent.select().where(WebhookEvent.id == event.id)).get()
-        if stored.processed_at is not None:
-            return _already_applied(stored)
-        organization_id, outcome = _dispatch(event)
-        stored.organization_id = organization_id
-        stored.outcome = outcome[:500]
-        stored.processed_at = utcnow()
-        stored.save()
+    try:
+        with write_transaction():
+            stored = locked(WebhookEvent.select().where(WebhookEvent.id == event.id)).get()
+            if stored.processed_at is not None:
+                return _already_applied(stored)
+            organization_id, outcome = _dispatch(event)
+            stored.organization_id = organization_id
+            stored.outcome = outcome[:500]
+            stored.processed_at = utcnow()
+            stored.save()
+    except InvalidRequest:
+        # The domain refused the event (a 400): it leaves nothing, its row included.
+        WebhookEvent.delete().where(
+            (WebhookEvent.id == event.id) & WebhookEvent.processed_at.is_null()
+        ).execute()
+        raise
     log.info("stripe event %s %s: %s", event.id, event.type, outcome)
     WEBHOOK_EVENTS.labels(
         stored.event_type, "ignored" if outcome == "ignored" else "processed"
@@ -436,6 +445,10 @@ def _dispatch(event: Event) -> tuple[str | None, str]:
         # retrying, so it is recorded and acknowledged, and the log says why.
         log.warning("stripe event %s refused: %s", event.id, exc.detail)
         return org, f"refused: {exc.detail}"
+    except IntegrityError:
+        # Another delivery recorded the same Stripe object (for another organization) while
+        # this one ran: a 409 makes Stripe retry, and the retry is refused as above.
+        raise Conflict("another event recorded this Stripe object at the same time") from None
 
 
 def _organization_of(obj: StripeModel) -> str | None:

@@ -308,9 +308,17 @@ class WebhookMachine(RuleBasedStateMachine):
         def key(inv: str) -> tuple[int, str]:
             return (org.invoice_created(inv), inv)
 
+        current = max(
+            org.subscriptions,
+            key=lambda s: (is_subscribed(org.subscriptions[s][1]), org.sub_created(s), s),
+            default=None,
+        )
         for failed, (status, _) in org.invoices.items():
             if status != "failed":
                 continue
+            sub = org.invoice_sub(failed)
+            if sub != current and org.subscriptions.get(sub, ((), ""))[1] == "canceled":
+                continue  # a replaced, canceled subscription's failure blocks nothing
             settled = any(
                 other_status == "paid"
                 and amount > 0
