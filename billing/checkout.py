@@ -16,7 +16,7 @@ from billing import ledger, recharge_policy
 from billing.accounts import get_account, lock_account
 from billing.config import Settings
 from billing.errors import Conflict, InvalidRequest, NotFound
-from billing.plans import PLANS, is_subscribed
+from billing.plans import LIVE_STATUSES, PLANS
 from billing.stripe_gateway import BillingGateway, SessionInfo
 from billing.subscriptions import SubscriptionState, apply_subscription_state, grant_welcome_credit
 from billing.units import CENT, TOP_UP_MAX, TOP_UP_MIN
@@ -63,9 +63,10 @@ def start_subscription_checkout(
 ) -> SessionInfo:
     if plan not in PLANS:
         raise InvalidRequest(f"subscriptionPlan must be one of {', '.join(PLANS)}")
-    if is_subscribed(get_account(organization_id).subscription_status):
-        # A second subscription would bill twice; a plan change goes through the portal.
-        raise Conflict("the organization already has an active subscription; use the portal")
+    if get_account(organization_id).subscription_status in LIVE_STATUSES:
+        # A second subscription would bill twice (an unpaid or paused one still bills, or
+        # resumes); a plan change goes through the portal.
+        raise Conflict("the organization already has a subscription; use the portal")
     customer = ensure_customer(organization_id, gateway)
     session = gateway.create_subscription_checkout(
         organization_id,

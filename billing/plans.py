@@ -32,6 +32,11 @@ SUBSCRIPTION_STATUSES = (
 ACCESS_STATUSES = frozenset({"active", "trialing", "past_due"})
 
 
+# A subscription in these states still exists at Stripe and bills (or resumes billing): a
+# second one would charge twice. Only canceled (or never started) leaves room for a new one.
+LIVE_STATUSES = ACCESS_STATUSES | {"unpaid", "paused"}
+
+
 def is_subscribed(status: str) -> bool:
     """Statuses that give access: a past_due customer keeps access during dunning."""
     return status in ACCESS_STATUSES

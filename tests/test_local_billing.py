@@ -8,7 +8,7 @@ from billing.auto_recharge import drain
 from billing.config import get_settings
 from billing.stripe_gateway import get_gateway
 from billing.units import DOLLAR
-from models import AutoRechargeRequest, CreditEntry, database
+from models import AutoRechargeRequest, BillingAccount, CreditEntry, database
 from tests.conftest import SERVICE_HEADERS
 from tests.ledger_checks import assert_ledger_invariants
 
@@ -60,6 +60,19 @@ def test_subscribe_grants_welcome_credit_once(client, org):
     assert complete(client, org).status_code == 404
     again = client.get(f"/v1/organizations/{org.id}/billing", headers=org.owner).json()
     assert again["subscriptionPlan"] == "pro"
+    # An unpaid or paused subscription still bills (or resumes): a second one is a 409 too;
+    # once canceled, a new checkout is allowed.
+    for status, expected in (("unpaid", 409), ("paused", 409), ("canceled", 200)):
+        with database.connection_context():
+            BillingAccount.update(subscription_status=status).where(
+                BillingAccount.organization == org.id
+            ).execute()
+        r = client.post(
+            "/v1/billing/checkout",
+            json={"organizationId": org.id, "subscriptionPlan": "agency", **URLS},
+            headers=org.owner,
+        )
+        assert r.status_code == expected, (status, r.text)
     assert again["creditsBalanceDecimillicents"] == 20 * DOLLAR
 
 
