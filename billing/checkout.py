@@ -144,6 +144,38 @@ def grant_top_up(organization_id: str, amount: int, payment_reference: str) -> b
     return not result.replayed
 
 
+LOCAL_PERIOD = dt.timedelta(days=30)
+
+
+def keep_local_card(account: BillingAccount) -> None:
+    """Local billing mode: paying leaves a card on file, as a Stripe Checkout payment does."""
+    if not account.stripe_payment_method_id:
+        account.stripe_payment_method_id = LOCAL_PAYMENT_METHOD
+        account.save(only=[BillingAccount.stripe_payment_method_id])
+
+
+def activate_locally(
+    account: BillingAccount, plan: str, *, started_at: dt.datetime, welcome_reference: str
+) -> None:
+    """Local billing mode, on the locked account: what a paid first invoice does at Stripe (a
+    card on file, the plan active for a period, the welcome credit once per organization)."""
+    keep_local_card(account)
+    now = utcnow()
+    apply_subscription_state(
+        account.organization_id,
+        SubscriptionState(
+            subscription_id=account.stripe_subscription_id or f"sub_local_{uuid.uuid4().hex[:16]}",
+            status="active",
+            plan=plan,
+            started_at=started_at,
+            ends_at=None,
+            current_period_end=now + LOCAL_PERIOD,
+        ),
+        int(now.timestamp()),
+    )
+    grant_welcome_credit(account.organization_id, plan, welcome_reference)
+
+
 def complete_local_checkout(organization_id: str) -> CheckoutSession:
     """Local billing mode: finish the newest open session as Stripe's webhooks would."""
     with write_transaction():
@@ -166,30 +198,14 @@ def complete_local_checkout(organization_id: str) -> CheckoutSession:
 def complete_local_session(session: CheckoutSession) -> CheckoutSession:
     """Finish one open local session as Stripe's webhooks would (inside a write transaction):
     activate the plan and grant the welcome credit once, or grant the top-up once."""
-    organization_id = session.organization_id
-    account = lock_account(organization_id)
-    if not account.stripe_payment_method_id:
-        account.stripe_payment_method_id = LOCAL_PAYMENT_METHOD
-        account.save(only=[type(account).stripe_payment_method_id])
+    account = lock_account(session.organization_id)
     if session.kind == "subscription":
-        now = utcnow()
-        apply_subscription_state(
-            organization_id,
-            SubscriptionState(
-                subscription_id=account.stripe_subscription_id
-                or f"sub_local_{uuid.uuid4().hex[:16]}",
-                status="active",
-                plan=session.plan,
-                started_at=now,
-                ends_at=None,
-                current_period_end=now + dt.timedelta(days=30),
-            ),
-            int(now.timestamp()),
-        )
-        grant_welcome_credit(organization_id, session.plan, session.id)
+        assert session.plan is not None  # a subscription session always stores its plan
+        activate_locally(account, session.plan, started_at=utcnow(), welcome_reference=session.id)
     else:
         assert session.amount is not None  # a top-up session always stores its amount
-        grant_top_up(organization_id, session.amount, session.id)
+        keep_local_card(account)
+        grant_top_up(session.organization_id, session.amount, session.id)
     session.status = "completed"
     session.completed_at = utcnow()
     session.save()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime as dt
 import hashlib
 import hmac
 import json
@@ -23,15 +22,13 @@ from dataclasses import dataclass
 
 from billing import recharge_policy
 from billing.accounts import get_account, lock_account
-from billing.checkout import LOCAL_PAYMENT_METHOD, complete_local_session
+from billing.checkout import activate_locally, complete_local_session
 from billing.config import get_settings
 from billing.errors import InvalidRequest, NotFound
 from billing.plans import PLANS
 from billing.stripe_gateway import SessionInfo
-from billing.subscriptions import SubscriptionState, apply_subscription_state, grant_welcome_credit
+from billing.subscriptions import SubscriptionState, apply_subscription_state
 from models import BillingAccount, CheckoutSession, locked, utcnow, write_transaction
-
-LOCAL_PERIOD = dt.timedelta(days=30)
 
 
 def activate_plan(organization_id: str, plan: str) -> None:
@@ -40,24 +37,12 @@ def activate_plan(organization_id: str, plan: str) -> None:
         raise InvalidRequest(f"subscriptionPlan must be one of {', '.join(PLANS)}")
     with write_transaction():
         account = lock_account(organization_id)
-        if not account.stripe_payment_method_id:
-            account.stripe_payment_method_id = LOCAL_PAYMENT_METHOD
-            account.save(only=[type(account).stripe_payment_method_id])
-        now = utcnow()
-        apply_subscription_state(
-            organization_id,
-            SubscriptionState(
-                subscription_id=account.stripe_subscription_id
-                or f"sub_local_{uuid.uuid4().hex[:16]}",
-                status="active",
-                plan=plan,
-                started_at=account.subscription_started_at or now,
-                ends_at=None,
-                current_period_end=now + LOCAL_PERIOD,
-            ),
-            int(now.timestamp()),
+        activate_locally(
+            account,
+            plan,
+            started_at=account.subscription_started_at or utcnow(),
+            welcome_reference=f"local-plan:{organization_id}",
         )
-        grant_welcome_credit(organization_id, plan, f"local-plan:{organization_id}")
     recharge_policy.reconsider(organization_id)  # a card may be on file now
 
 
@@ -72,15 +57,19 @@ def open_session(session_id: str) -> tuple[CheckoutSession, BillingAccount]:
     return session, get_account(session.organization_id)
 
 
+def _lock_session(session_id: str) -> CheckoutSession:
+    """Inside a write transaction: the local session a page shows, locked."""
+    session = locked(CheckoutSession.select().where(CheckoutSession.id == session_id)).get_or_none()
+    if session is None or not session_id.startswith("cs_local_"):
+        raise NotFound("no such local checkout session")
+    return session
+
+
 def pay(session_id: str) -> CheckoutSession:
     """Pay for the session shown, as Stripe's webhooks would complete it; paying twice (a
     double click, a reload) completes it once. A canceled session cannot be paid."""
     with write_transaction():
-        session = locked(
-            CheckoutSession.select().where(CheckoutSession.id == session_id)
-        ).get_or_none()
-        if session is None or not session_id.startswith("cs_local_"):
-            raise NotFound("no such local checkout session")
+        session = _lock_session(session_id)
         if session.status == "open":
             completed = complete_local_session(session)
         elif session.status != "completed":
@@ -94,11 +83,7 @@ def pay(session_id: str) -> CheckoutSession:
 def cancel(session_id: str) -> CheckoutSession:
     """Leave the checkout without paying: the session can no longer be completed."""
     with write_transaction():
-        session = locked(
-            CheckoutSession.select().where(CheckoutSession.id == session_id)
-        ).get_or_none()
-        if session is None or not session_id.startswith("cs_local_"):
-            raise NotFound("no such local checkout session")
+        session = _lock_session(session_id)
         if session.status == "open":
             session.status = "canceled"
             session.save(only=[CheckoutSession.status])
