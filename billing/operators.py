@@ -101,34 +101,23 @@ def adjust_credits(
 
 def suspend(organization_id: str, reason: str) -> BillingAccount:
     """Stop spending (402) until an operator unsuspends; repeating keeps the first time."""
-    reason = _reason(reason)
-    with write_transaction():
-        account = lock_account(organization_id)
-        if account.suspended_at is None:
-            account.suspended_at = utcnow()
-            account.suspension_reason = reason
-            account.updated_at = utcnow()
-            account.save(
-                only=[
-                    BillingAccount.suspended_at,
-                    BillingAccount.suspension_reason,
-                    BillingAccount.updated_at,
-                ]
-            )
-            OperatorAction.create(
-                organization=organization_id, action=ActionKind.suspend, reason=reason
-            )
-        return account
+    return _set_suspension(organization_id, ActionKind.suspend, reason)
 
 
 def unsuspend(organization_id: str, reason: str) -> BillingAccount:
     """Lift the operator's suspension; a no-op when there is none."""
+    return _set_suspension(organization_id, ActionKind.unsuspend, reason)
+
+
+def _set_suspension(organization_id: str, action: ActionKind, reason: str) -> BillingAccount:
+    """Suspend or unsuspend under the account lock; only a change is saved and recorded."""
     reason = _reason(reason)
+    suspending = action == ActionKind.suspend
     with write_transaction():
         account = lock_account(organization_id)
-        if account.suspended_at is not None:
-            account.suspended_at = None
-            account.suspension_reason = None
+        if (account.suspended_at is None) == suspending:
+            account.suspended_at = utcnow() if suspending else None
+            account.suspension_reason = reason if suspending else None
             account.updated_at = utcnow()
             account.save(
                 only=[
@@ -137,9 +126,7 @@ def unsuspend(organization_id: str, reason: str) -> BillingAccount:
                     BillingAccount.updated_at,
                 ]
             )
-            OperatorAction.create(
-                organization=organization_id, action=ActionKind.unsuspend, reason=reason
-            )
+            OperatorAction.create(organization=organization_id, action=action, reason=reason)
         return account
 
 

@@ -73,6 +73,21 @@ def start_localstripe() -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError(f"localstripe did not start: {Path(log.name).read_text()[-2000:]}")
 
 
+def forward(
+    handler: BaseHTTPRequestHandler, backend: str, raw: bytes, *, timeout: float
+) -> httpx.Response:
+    """Pass a request a fake front does not answer itself on to the real fake (localstripe),
+    with the headers Stripe's API reads."""
+    headers = {
+        k: v
+        for k, v in handler.headers.items()
+        if k.lower() in ("authorization", "content-type", "idempotency-key")
+    }
+    return httpx.request(
+        handler.command, backend + handler.path, content=raw, headers=headers, timeout=timeout
+    )
+
+
 def _nested(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """Stripe form encoding (a[b][0][c]=v) back into a dict, lists as dicts keyed '0', '1'."""
     out: dict[str, Any] = {}
@@ -134,18 +149,7 @@ class FixtureFront:
                     return self._respond(200, json.dumps(front.checkout(params)).encode())
                 if self.command == "POST" and path == "/v1/billing_portal/sessions":
                     return self._respond(200, json.dumps(front.portal(params)).encode())
-                headers = {
-                    k: v
-                    for k, v in self.headers.items()
-                    if k.lower() in ("authorization", "content-type", "idempotency-key")
-                }
-                upstream = httpx.request(
-                    self.command,
-                    front.backend + self.path,
-                    content=raw,
-                    headers=headers,
-                    timeout=10,
-                )
+                upstream = forward(self, front.backend, raw, timeout=10)
                 self._respond(upstream.status_code, upstream.content)
 
             do_GET = do_POST = do_DELETE = _handle

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-import httpx
 import pytest
 
 from billing import accounts, ledger
@@ -42,7 +41,14 @@ from billing.stripe_gateway import get_gateway
 from billing.units import DOLLAR
 from models import AutoRechargeRequest, BillingAccount, CreditEntry, database, utcnow
 from tests.ledger_checks import assert_ledger_invariants
-from tests.stripe_fakes import API_KEY, WEBHOOK_SECRET, event_body, signature_for, stripe_object
+from tests.stripe_fakes import (
+    API_KEY,
+    WEBHOOK_SECRET,
+    event_body,
+    forward,
+    signature_for,
+    stripe_object,
+)
 from tests.test_auto_recharge import saved_card
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,18 +119,7 @@ class IdempotentSlowStripe:
                     if outer.hold is not None:
                         outer.hold.wait(30)
                     time.sleep(random.uniform(*outer.delay))
-                headers = {
-                    k: v
-                    for k, v in self.headers.items()
-                    if k.lower() in ("authorization", "content-type", "idempotency-key")
-                }
-                answer = httpx.request(
-                    self.command,
-                    outer.upstream + self.path,
-                    content=raw,
-                    headers=headers,
-                    timeout=30,
-                )
+                answer = forward(self, outer.upstream, raw, timeout=30)
                 if creating and key:
                     with outer.lock:
                         if answer.status_code in (200, 402):  # a PaymentIntent was made
