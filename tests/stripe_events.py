@@ -4,11 +4,13 @@ webhook ordering, reversal, race and model tests."""
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from billing import webhooks
 from billing.stripe_gateway import get_gateway
-from models import BillingAccount, connection, database
+from models import BillingAccount, CreditEntry, connection, database
+from tests.ledger_checks import assert_ledger_invariants
 from tests.stripe_fakes import event_body, signature_for, stripe_object
 
 URL = "/v1/webhooks/stripe"
@@ -214,3 +216,37 @@ def deliver(body: bytes, signature: str) -> webhooks.WebhookResult:
 
 def event_id(body: bytes) -> str:
     return str(json.loads(body)["id"])
+
+
+def deliver_together(deliveries: list[tuple[bytes, str]]) -> None:
+    """Deliver signed events from one thread each, released at once by a barrier; any error
+    (a 500 included) fails the round."""
+    barrier = threading.Barrier(len(deliveries))
+    errors: list[BaseException] = []
+
+    def run(body: bytes, signature: str) -> None:
+        barrier.wait()
+        try:
+            deliver(body, signature)
+        except BaseException as exc:  # surfaced below: a 500 is a failed round too
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=d) for d in deliveries]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+def reversed_total(org_id: str) -> int:
+    """What refunds and lost disputes have taken from the organization, by its entries."""
+    with database.connection_context():
+        assert_ledger_invariants(org_id)
+        return -sum(
+            e.amount
+            for e in CreditEntry.select().where(
+                (CreditEntry.organization == org_id)
+                & (CreditEntry.entry_type.in_(("refund", "dispute")))
+            )
+        )

@@ -49,18 +49,6 @@ def _balance(org_id: str) -> int:
         return int(BillingAccount.get_by_id(org_id).credits_balance)
 
 
-def _reversed(org_id: str) -> int:
-    with database.connection_context():
-        assert_ledger_invariants(org_id)
-        return -sum(
-            e.amount
-            for e in CreditEntry.select().where(
-                (CreditEntry.organization == org_id)
-                & (CreditEntry.entry_type.in_(("refund", "dispute")))
-            )
-        )
-
-
 def _top_up(org_id: str, tag: str) -> str:
     pi = f"pi_{tag}_{org_id[:8]}"
     ev.deliver(
@@ -90,7 +78,7 @@ def test_a_late_event_of_a_refunded_payment_never_takes_a_later_top_ups_credits(
     pi_a = _top_up(org_id, "a")
     _spend(org_id, ORDER)
     ev.deliver(*ev.signed("charge.refunded", ev.charge(org_id, refunded_cents=1000, pi=pi_a)))
-    assert _reversed(org_id) == 0  # A's credits were spent: nothing remained to take
+    assert ev.reversed_total(org_id) == 0  # A's credits were spent: nothing remained to take
     _top_up(org_id, "b")
     assert _balance(org_id) == ORDER
     # Stripe's payment_intent.succeeded for A, delivered late.
@@ -119,11 +107,11 @@ def test_a_lost_dispute_takes_only_what_the_refund_left_and_what_remains():
     pi_a = _top_up(org_id, "a")
     _spend(org_id, 8 * DOLLAR)
     ev.deliver(*ev.signed("charge.refunded", ev.charge(org_id, refunded_cents=500, pi=pi_a)))
-    assert _reversed(org_id) == 2 * DOLLAR
+    assert ev.reversed_total(org_id) == 2 * DOLLAR
     _top_up(org_id, "b")
     lost = ev.dispute(status="lost", amount=500, pi=pi_a, dispute_id=f"dp_{org_id[:8]}")
     ev.deliver(*ev.signed("charge.dispute.closed", lost))
-    assert _reversed(org_id) == 2 * DOLLAR + 5 * DOLLAR
+    assert ev.reversed_total(org_id) == 2 * DOLLAR + 5 * DOLLAR
 
 
 # --- 2. a partial lost dispute of an auto-recharge reverses the whole recharge -----------
@@ -136,29 +124,10 @@ def test_a_partial_lost_dispute_of_an_auto_recharge_reverses_its_share_only():
         auto_recharge.payment_succeeded(org_id, pi, ORDER, None)
     lost = ev.dispute(status="lost", amount=300, pi=pi, dispute_id=f"dp_{org_id[:8]}")
     ev.deliver(*ev.signed("charge.dispute.closed", lost))
-    assert _reversed(org_id) == 300 * CENT
+    assert ev.reversed_total(org_id) == 300 * CENT
 
 
 # --- races ------------------------------------------------------------------------------
-
-
-def _together(deliveries: list[tuple[bytes, str]]) -> None:
-    barrier = threading.Barrier(len(deliveries))
-    errors: list[BaseException] = []
-
-    def run(body: bytes, signature: str) -> None:
-        barrier.wait()
-        try:
-            ev.deliver(body, signature)
-        except BaseException as exc:  # a 500 is a failed round too
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=d) for d in deliveries]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
 
 
 @pytest.fixture
@@ -177,7 +146,7 @@ def test_a_late_event_of_a_spent_refunded_payment_racing_a_new_top_up_takes_noth
         pi_a = _top_up(org_id, "a")
         _spend(org_id, ORDER)
         ev.deliver(*ev.signed("charge.refunded", ev.charge(org_id, refunded_cents=1000, pi=pi_a)))
-        _together(
+        ev.deliver_together(
             [
                 ev.signed(
                     "checkout.session.completed",

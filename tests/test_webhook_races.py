@@ -8,7 +8,6 @@ there; the tests are skipped on it.)
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Callable
 
@@ -17,9 +16,8 @@ import pytest
 from billing import ledger
 from billing.organizations import create_organization
 from billing.units import CENT, DOLLAR
-from models import BillingAccount, CreditEntry, database, is_postgres
+from models import BillingAccount, database, is_postgres
 from tests import stripe_events as ev
-from tests.ledger_checks import assert_ledger_invariants
 
 ROUNDS = int(os.environ.get("RACE_ROUNDS", "15"))
 
@@ -39,25 +37,6 @@ def _new_org(extra_credit: int = 50 * DOLLAR) -> str:
             ledger.grant(org_id, extra_credit, "adjustment", "other credit")
     ev.link_customer(org_id)
     return org_id
-
-
-def _together(deliveries: list[tuple[bytes, str]]) -> None:
-    barrier = threading.Barrier(len(deliveries))
-    errors: list[BaseException] = []
-
-    def run(body: bytes, signature: str) -> None:
-        barrier.wait()
-        try:
-            ev.deliver(body, signature)
-        except BaseException as exc:  # surfaced below: a 500 is a failed round too
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=d) for d in deliveries]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
 
 
 def _count_failures(round_fn: Callable[[], bool]) -> int:
@@ -80,24 +59,12 @@ def _top_up(org_id: str) -> None:
     )
 
 
-def _reversed(org_id: str) -> int:
-    with database.connection_context():
-        assert_ledger_invariants(org_id)
-        return -sum(
-            e.amount
-            for e in CreditEntry.select().where(
-                (CreditEntry.organization == org_id)
-                & (CreditEntry.entry_type.in_(("refund", "dispute")))
-            )
-        )
-
-
 def test_concurrent_cumulative_refunds_reverse_the_latest_total_once():
     def partial_refunds_race() -> bool:
         org_id = _new_org()
         _top_up(org_id)
         pi = f"pi_{org_id[:8]}"
-        _together(
+        ev.deliver_together(
             [
                 ev.signed(
                     "charge.refunded",
@@ -109,7 +76,7 @@ def test_concurrent_cumulative_refunds_reverse_the_latest_total_once():
                 ),
             ]
         )
-        return _reversed(org_id) == 500 * CENT
+        return ev.reversed_total(org_id) == 500 * CENT
 
     assert _count_failures(partial_refunds_race) == 0
 
@@ -119,7 +86,7 @@ def test_full_refund_racing_a_lost_dispute_reverses_the_payment_once():
         org_id = _new_org()
         _top_up(org_id)
         pi = f"pi_{org_id[:8]}"
-        _together(
+        ev.deliver_together(
             [
                 ev.signed(
                     "charge.refunded",
@@ -136,7 +103,7 @@ def test_full_refund_racing_a_lost_dispute_reverses_the_payment_once():
                 ),
             ]
         )
-        return _reversed(org_id) == 10 * DOLLAR
+        return ev.reversed_total(org_id) == 10 * DOLLAR
 
     assert _count_failures(refund_dispute_race) == 0
 
@@ -164,7 +131,7 @@ def test_old_paid_invoice_racing_a_newer_failure_keeps_the_grace_period():
                 created=t,
             )
         )
-        _together(
+        ev.deliver_together(
             [
                 ev.signed(
                     "invoice.payment_failed",
@@ -204,7 +171,7 @@ def test_late_failure_of_a_paid_invoice_racing_its_payment_blocks_nothing():
                 created=t,
             )
         )
-        _together(
+        ev.deliver_together(
             [
                 ev.signed(
                     "invoice.payment_failed",
@@ -236,7 +203,7 @@ def test_same_second_subscription_events_end_in_the_later_lifecycle_state():
     def same_second_race() -> bool:
         org_id = _new_org(0)
         t = 1_800_000_000
-        _together(
+        ev.deliver_together(
             [
                 ev.signed(
                     "customer.subscription.updated",
@@ -268,7 +235,7 @@ def test_old_subscription_deleted_racing_the_new_one_keeps_the_new_one():
                 created=t,
             )
         )
-        _together(
+        ev.deliver_together(
             [
                 ev.signed(
                     "customer.subscription.created",
