@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import re
 from typing import Any
 
@@ -16,7 +15,8 @@ from billing.units import (
     CENT,
     INT64_MAX,
 )
-from models import BillingAccount, is_postgres, utcnow, write_transaction
+from models import BillingAccount, utcnow, write_transaction
+from models.prepared import PreparedSelect
 
 # The same rule as the contract's pattern for billingEmail.
 EMAIL = re.compile(
@@ -37,8 +37,15 @@ _BOUNDS = {
 }
 
 
+# The account reads every request makes (a balance, a debit's lock), rendered once.
+_ACCOUNT = PreparedSelect(BillingAccount, lambda: BillingAccount.organization == "")
+_ACCOUNT_FOR_UPDATE = PreparedSelect(
+    BillingAccount, lambda: BillingAccount.organization == "", for_update=True
+)
+
+
 def get_account(organization_id: str) -> BillingAccount:
-    account = BillingAccount.get_or_none(BillingAccount.organization == organization_id)
+    account = _ACCOUNT.first(organization_id)
     if account is None:
         raise NotFound("organization not found")
     return account
@@ -57,18 +64,10 @@ def lock_account(organization_id: str) -> BillingAccount:
     PostgreSQL takes a row lock; SQLite has none, and needs none, as `write_transaction`
     already holds its database-wide writer lock.
     """
-    found = list(BillingAccount.raw(_lock_sql(is_postgres()), organization_id))
-    if not found:
+    account = _ACCOUNT_FOR_UPDATE.first(organization_id)
+    if account is None:
         raise NotFound("organization not found")
-    return found[0]
-
-
-@functools.cache
-def _lock_sql(postgres: bool) -> str:
-    """lock_account's statement, rendered once: it runs on every debit (Peewee would rebuild
-    the same SELECT ... FOR UPDATE each time)."""
-    query = BillingAccount.select().where(BillingAccount.organization == "")
-    return str((query.for_update() if postgres else query).sql()[0])
+    return account
 
 
 def _validate(changes: dict[str, Any]) -> None:

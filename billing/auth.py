@@ -22,6 +22,7 @@ import jwt
 from billing.config import Settings
 from billing.errors import Forbidden, NotFound, Unauthenticated
 from models import Membership, Organization
+from models.prepared import PreparedSelect
 
 
 class Role(IntEnum):
@@ -121,6 +122,12 @@ def verify_service_token(token: str, settings: Settings) -> Service:
     return Service()
 
 
+# The membership every user request checks, rendered once.
+_MEMBERSHIP = PreparedSelect(
+    Membership, lambda: (Membership.organization == "") & (Membership.user_id == "")
+)
+
+
 def require_role(organization_id: str, principal: User, minimum: Role) -> str:
     """The organization's canonical (lower-case) id, if the caller holds at least `minimum`.
 
@@ -137,9 +144,7 @@ def require_role(organization_id: str, principal: User, minimum: Role) -> str:
             raise NotFound("organization not found")
         role = Role[role_name]
     else:
-        membership = Membership.get_or_none(
-            (Membership.organization == organization_id) & (Membership.user_id == principal.user_id)
-        )
+        membership = _MEMBERSHIP.first(organization_id, principal.user_id)
         if membership is None:
             raise NotFound("organization not found")
         role = Role[membership.role]
