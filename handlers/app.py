@@ -17,10 +17,12 @@ from connexion.apps.asynchronous import AsyncApi, AsyncOperation
 from connexion.decorators import StarletteDecorator
 from connexion.decorators.parameter import AsyncParameterDecorator
 from connexion.exceptions import ProblemException
+from connexion.jsonifier import Jsonifier
 from connexion.middleware import MiddlewarePosition
 from connexion.resolver import Resolution, Resolver
 from connexion.security import AbstractSecurityHandler
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 
 from billing import auto_recharge
 from billing.config import Settings, get_settings
@@ -34,7 +36,7 @@ from handlers.validation import VALIDATORS
 from models import connect_database, connection
 
 SPEC_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
-_JSON = {"Content-Type": "application/json"}
+JSONIFIER = Jsonifier()  # Connexion's own JSON encoding (dates, UUIDs), as it would answer
 
 
 def _snake(name: str) -> str:
@@ -65,7 +67,9 @@ class BillingResolver(Resolver):
             with connection():
                 result = handler(*args, **kwargs)
             if isinstance(result, dict):
-                return result, 200, _JSON
+                # A finished response: Connexion passes it through instead of inferring the
+                # content type and serializing again (every operation answers JSON on 200).
+                return Response(JSONIFIER.dumps(result), 200, media_type="application/json")
             return result
 
         return with_connection
