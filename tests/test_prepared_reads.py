@@ -122,4 +122,3 @@ def test_require_role_reads_the_membership_of_that_user_in_that_organization():
     with pytest.raises(NotFound):
         require_role(other.id, alice, Role.member)
     assert Membership.select().count() == 2
-
