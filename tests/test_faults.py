@@ -123,12 +123,11 @@ def test_database_failure_mid_transaction_leaves_nothing(client, org, monkeypatc
 KILLER = """
 import os, sys
 from billing import ledger
-from billing.accounts import lock_account
-from models import connect_database, write_transaction
+from billing.accounts import locked_account
+from models import connect_database
 connect_database(sys.argv[1])
-with write_transaction():
-    account = lock_account(sys.argv[2])
-    ledger._append(account, "charge", -400, "doomed", None, None)
+with locked_account(sys.argv[2]) as account:
+    ledger.debit(account, 400, reason="doomed")
     os._exit(9)  # the process dies inside the transaction, before commit
 """
 
