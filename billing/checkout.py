@@ -26,6 +26,7 @@ from models import (
     CheckoutSession,
     CheckoutStatus,
     CreditEntryType,
+    SubscriptionStatus,
     utcnow,
 )
 
@@ -173,7 +174,7 @@ def activate_locally(
         account,
         SubscriptionState(
             subscription_id=account.stripe_subscription_id or f"sub_local_{uuid.uuid4().hex[:16]}",
-            status="active",
+            status=SubscriptionStatus.active,
             plan=plan,
             started_at=started_at,
             ends_at=None,

@@ -32,6 +32,7 @@ from models import (
     BillingAccount,
     CheckoutSession,
     CheckoutStatus,
+    SubscriptionStatus,
     locked,
     utcnow,
     write_transaction,
@@ -140,14 +141,17 @@ def cancel_subscription(organization_id: str) -> BillingAccount:
     """What the portal's cancel does on Stripe: the subscription ends now (as
     customer.subscription.deleted would record it); credits stay."""
     with locked_account(organization_id) as account:
-        if account.stripe_subscription_id is None or account.subscription_status == "canceled":
+        if (
+            account.stripe_subscription_id is None
+            or account.subscription_status == SubscriptionStatus.canceled
+        ):
             return account
         now = utcnow()
         apply_subscription_state(
             account,
             SubscriptionState(
                 subscription_id=account.stripe_subscription_id,
-                status="canceled",
+                status=SubscriptionStatus.canceled,
                 plan=None,
                 started_at=account.subscription_started_at,
                 ends_at=now,

@@ -24,17 +24,21 @@ from models import (
     InvoiceStatus,
     StripeInvoice,
     StripeSubscription,
+    SubscriptionStatus,
     utcnow,
 )
 
 # Stripe statuses that are not ours map onto the nearest one of ours.
-_STATUS_MAP = {"incomplete": "inactive", "incomplete_expired": "canceled"}
+_STATUS_MAP = {
+    "incomplete": SubscriptionStatus.inactive,
+    "incomplete_expired": SubscriptionStatus.canceled,
+}
 
 
 @dataclass(frozen=True)
 class SubscriptionState:
     subscription_id: str
-    status: str
+    status: SubscriptionStatus
     plan: str | None
     started_at: dt.datetime | None
     ends_at: dt.datetime | None
@@ -42,9 +46,13 @@ class SubscriptionState:
     payment_method_id: str | None = None
 
 
-def normalize_status(stripe_status: str) -> str:
+def normalize_status(stripe_status: str) -> SubscriptionStatus:
     status = _STATUS_MAP.get(stripe_status, stripe_status)
-    return status if status in SUBSCRIPTION_STATUSES else "inactive"
+    return (
+        SubscriptionStatus(status)
+        if status in SUBSCRIPTION_STATUSES
+        else SubscriptionStatus.inactive
+    )
 
 
 class SubscriptionChange(StrEnum):
@@ -292,7 +300,7 @@ def _set_grace_period(account: BillingAccount, days: int) -> None:
     The account's `stripe_subscription_id` must already be the current one."""
     replaced = StripeSubscription.select(StripeSubscription.id).where(
         (StripeSubscription.organization == account.organization_id)
-        & (StripeSubscription.status == "canceled")
+        & (StripeSubscription.status == SubscriptionStatus.canceled)
         & (StripeSubscription.id != (account.stripe_subscription_id or ""))
     )
     unresolved = (

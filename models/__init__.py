@@ -41,6 +41,7 @@ from models.kinds import (
     OperatorActionKind,
     PaymentKind,
     ReservationStatus,
+    SubscriptionStatus,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "StripeInvoice",
     "StripePayment",
     "StripeSubscription",
+    "SubscriptionStatus",
     "UsageDailyRollup",
     "UsageRecord",
     "WebhookEvent",

@@ -12,7 +12,7 @@ import peewee
 
 from models.clock import utcnow
 from models.db import database
-from models.kinds import AttemptStatus, CheckoutStatus, ReservationStatus
+from models.kinds import AttemptStatus, CheckoutStatus, ReservationStatus, SubscriptionStatus
 
 
 class BaseModel(peewee.Model):
@@ -61,7 +61,7 @@ class BillingAccount(BaseModel):
     auto_recharge_threshold = peewee.BigIntegerField(null=True)
     auto_recharge_amount = peewee.BigIntegerField(null=True)
     usage_cap = peewee.BigIntegerField(null=True)
-    subscription_status = peewee.CharField(max_length=16, default="inactive")
+    subscription_status = peewee.CharField(max_length=16, default=SubscriptionStatus.inactive)
     subscription_plan = peewee.CharField(max_length=16, null=True)
     subscription_started_at = peewee.DateTimeField(null=True)
     subscription_ends_at = peewee.DateTimeField(null=True)

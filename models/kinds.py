@@ -29,6 +29,19 @@ class ReservationStatus(StrEnum):
     released = "released"  # given back whole
 
 
+class SubscriptionStatus(StrEnum):
+    """Our subscription statuses (`stripe_subscriptions.status`, the account's
+    `subscription_status`); Stripe's others map onto these (`billing.subscriptions`)."""
+
+    active = "active"
+    inactive = "inactive"
+    trialing = "trialing"
+    past_due = "past_due"
+    canceled = "canceled"
+    paused = "paused"
+    unpaid = "unpaid"
+
+
 class CheckoutKind(StrEnum):
     subscription = "subscription"
     top_up = "top_up"
