@@ -1,9 +1,17 @@
-"""Billing settings: read them, and change the ones a customer may change."""
+"""An organization's billing account: the unit of work that locks it, and its settings.
+
+One unit of work per use case: the entry point (a service function a handler, the webhook
+processor or a worker calls) opens `locked_account` once; the rules it calls (the ledger's
+operations, subscription and dispute state, the auto-recharge policy) take that locked account
+and never open a transaction or take the lock themselves.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from billing.errors import InvalidRequest, NotFound
@@ -15,7 +23,7 @@ from billing.units import (
     CENT,
     INT64_MAX,
 )
-from models import BillingAccount, utcnow, write_transaction
+from models import BillingAccount, locked, utcnow, write_transaction
 from models.prepared import PreparedSelect
 
 # The same rule as the contract's pattern for billingEmail.
@@ -58,8 +66,43 @@ def suspended_since(account: BillingAccount) -> dt.datetime | None:
     return min(held) if held else None
 
 
+@contextmanager
+def locked_account(organization_id: str) -> Iterator[BillingAccount]:
+    """A use case's unit of work: one write transaction holding the organization's account
+    lock, taken once. Everything the use case writes commits (or rolls back) together."""
+    with write_transaction():
+        yield lock_account(organization_id)
+
+
+@contextmanager
+def locked_accounts(organization_ids: set[str]) -> Iterator[dict[str, BillingAccount]]:
+    """The unit of work of a use case over several organizations (a usage batch): one write
+    transaction, the accounts locked in one statement in organization-id order, so concurrent
+    units over overlapping organizations cannot deadlock."""
+    with write_transaction():
+        yield _lock_accounts(sorted(organization_ids))
+
+
+def _lock_accounts(ordered: list[str]) -> dict[str, BillingAccount]:
+    if len(ordered) == 1:
+        return {ordered[0]: lock_account(ordered[0])}
+    accounts = {
+        account.organization_id: account
+        for account in locked(
+            BillingAccount.select()
+            .where(BillingAccount.organization.in_(ordered))
+            .order_by(BillingAccount.organization)
+        )
+    }
+    if len(accounts) != len(ordered):
+        raise NotFound("organization not found")
+    return accounts
+
+
 def lock_account(organization_id: str) -> BillingAccount:
-    """Inside a write transaction: the account row, locked against concurrent writers.
+    """Inside a write transaction: the account row, locked against concurrent writers. Use
+    cases take it through `locked_account`; the webhook processor, whose unit of work is the
+    event's own transaction, takes it once per event.
 
     PostgreSQL takes a row lock; SQLite has none, and needs none, as `write_transaction`
     already holds its database-wide writer lock.
@@ -100,8 +143,7 @@ def update_settings(organization_id: str, changes: dict[str, Any]) -> BillingAcc
     stored; clearing either while it is enabled is refused for the same reason.
     """
     _validate(changes)
-    with write_transaction():
-        account = lock_account(organization_id)
+    with locked_account(organization_id) as account:
         for name, value in changes.items():
             setattr(account, name, value)
         if account.auto_recharge_enabled and (

@@ -12,7 +12,14 @@ from peewee import fn
 
 from billing.ledger import SPEND_TYPES
 from billing.usage import current_month, day_key
-from models import BillingAccount, CreditEntry, Reservation, UsageDailyRollup, UsageRecord
+from models import (
+    BillingAccount,
+    CreditEntry,
+    Reservation,
+    ReservationStatus,
+    UsageDailyRollup,
+    UsageRecord,
+)
 
 
 def ledger_problems(organization_id: str, overdraft: int = 0) -> list[str]:
@@ -34,7 +41,10 @@ def ledger_problems(organization_id: str, overdraft: int = 0) -> list[str]:
         problems.append(f"balance {account.credits_balance} != sum of entries {running}")
     open_holds = (
         Reservation.select(fn.COALESCE(fn.SUM(Reservation.amount), 0))
-        .where((Reservation.organization == organization_id) & (Reservation.status == "open"))
+        .where(
+            (Reservation.organization == organization_id)
+            & (Reservation.status == ReservationStatus.open)
+        )
         .scalar()
     )
     if account.reserved_credits != open_holds:

@@ -17,7 +17,10 @@ Rules (the enqueue policy lives in `billing.recharge_policy`):
   fails it (uncounted) once the attempts are spent;
 - a 3-D Secure challenge is stored and surfaced until the payment succeeds, fails for good,
   or a newer attempt supersedes it.
-No database transaction or lock is held while Stripe is called.
+No database transaction or lock is held while Stripe is called. Each outcome the worker writes
+is one unit of work on the organization's account (`locked_account`); the outcomes a webhook
+reports (`payment_succeeded`, `payment_failed`, `payment_requires_action`) take the account
+the webhook's unit of work locked.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from billing import ledger, recharge_policy
-from billing.accounts import get_account, lock_account
+from billing.accounts import get_account, locked_account
 from billing.config import Settings
 from billing.errors import UpstreamUnavailable
 from billing.recharge_policy import IN_FLIGHT, SETTLED, AttemptStatus, FailureKind
@@ -38,6 +41,7 @@ from billing.stripe_gateway import BillingGateway
 from models import (
     AutoRechargeRequest,
     BillingAccount,
+    CreditEntryType,
     connection,
     locked,
     utcnow,
@@ -98,26 +102,30 @@ def _owned(request: AutoRechargeRequest) -> Any:
     )
 
 
-def _settle(condition: Any, attempt: AutoRechargeRequest, status: str, **fields: object) -> bool:
+def _settle(
+    account: BillingAccount,
+    condition: Any,
+    attempt: AutoRechargeRequest,
+    status: AttemptStatus,
+    **fields: object,
+) -> bool:
     """Move an attempt out of flight (if `condition` still holds) and free the organization's
-    in-flight slot, in one transaction.
+    in-flight slot, on the organization's locked account.
 
     The account row is locked first, as every other writer does (a webhook's grant, the
     enqueue policy): locking the attempt first deadlocked with the webhook reporting the
     same payment on PostgreSQL."""
     now = utcnow()
     done = {"completed_at": now} if status in SETTLED else {}
-    with write_transaction():
-        lock_account(attempt.organization_id)
-        changed = (
-            AutoRechargeRequest.update(
-                status=status, updated_at=now, lease_expires_at=None, **done, **fields
-            )
-            .where(condition)
-            .execute()
+    changed = (
+        AutoRechargeRequest.update(
+            status=status, updated_at=now, lease_expires_at=None, **done, **fields
         )
-        if changed:
-            recharge_policy.release_in_flight(attempt.organization_id, attempt.id)
+        .where(condition)
+        .execute()
+    )
+    if changed:
+        recharge_policy.release_in_flight(account, attempt.id)
     return bool(changed)
 
 
@@ -136,15 +144,17 @@ def _backoff(settings: Settings, attempts: int) -> float:
 
 def _retry_later(request: AutoRechargeRequest, settings: Settings) -> str:
     if request.attempts >= settings.auto_recharge_max_attempts:
-        _settle(
-            _owned(request),
-            request,
-            AttemptStatus.failed,
-            failure_kind=FailureKind.transient,
-            failure_reason=(
-                f"the payment provider was unavailable for {request.attempts} attempts"
-            ),
-        )
+        with locked_account(request.organization_id) as account:
+            _settle(
+                account,
+                _owned(request),
+                request,
+                AttemptStatus.failed,
+                failure_kind=FailureKind.transient,
+                failure_reason=(
+                    f"the payment provider was unavailable for {request.attempts} attempts"
+                ),
+            )
         return AttemptStatus.failed
     due = utcnow() + dt.timedelta(seconds=_backoff(settings, request.attempts))
     AutoRechargeRequest.update(
@@ -158,9 +168,16 @@ def _retry_later(request: AutoRechargeRequest, settings: Settings) -> str:
 
 
 def _fail(
-    condition: Any, attempt: AutoRechargeRequest, kind: FailureKind, reason: str, **fields: object
+    account: BillingAccount,
+    condition: Any,
+    attempt: AutoRechargeRequest,
+    kind: FailureKind,
+    reason: str,
+    **fields: object,
 ) -> bool:
+    """Settle the attempt as failed on the locked account; a counted failure counts."""
     failed = _settle(
+        account,
         condition,
         attempt,
         AttemptStatus.failed,
@@ -170,7 +187,7 @@ def _fail(
         **fields,
     )
     if failed and kind in recharge_policy.COUNTED_FAILURES:
-        recharge_policy.count_failure(attempt.organization_id)
+        recharge_policy.count_failure(account)
     return failed
 
 
@@ -184,48 +201,56 @@ def process_one(gateway: BillingGateway, settings: Settings) -> str | None:
         # Claimed again and again without an outcome (its workers keep dying): stop here; a
         # payment that did go through is still granted by its webhook.
         return _retry_later(request, settings)
-    account = get_account(org)
-    if not account.auto_recharge_enabled:
-        _settle(
-            _owned(request),
-            request,
-            AttemptStatus.canceled,
-            failure_reason="auto-recharge was turned off",
-        )
+    snapshot = get_account(org)  # unlocked: no lock is held across the charge
+    if not snapshot.auto_recharge_enabled:
+        with locked_account(org) as account:
+            _settle(
+                account,
+                _owned(request),
+                request,
+                AttemptStatus.canceled,
+                failure_reason="auto-recharge was turned off",
+            )
         return AttemptStatus.canceled
-    if not (account.stripe_customer_id and account.stripe_payment_method_id):
-        _fail(_owned(request), request, FailureKind.permanent, "no saved payment method")
+    if not (snapshot.stripe_customer_id and snapshot.stripe_payment_method_id):
+        with locked_account(org) as account:
+            _fail(
+                account, _owned(request), request, FailureKind.permanent, "no saved payment method"
+            )
         return AttemptStatus.failed
     try:
         outcome = gateway.charge_off_session(
             org,
-            account.stripe_customer_id,
-            account.stripe_payment_method_id,
+            snapshot.stripe_customer_id,
+            snapshot.stripe_payment_method_id,
             request.amount,
             request.id,
         )
     except UpstreamUnavailable:
         return _retry_later(request, settings)
     _supersede_challenges(org, keep=request.id)
-    if outcome.status == "succeeded":
-        payment_succeeded(org, str(outcome.payment_intent_id), request.amount, request.id)
-    elif outcome.status == "requires_action":
-        _settle(
-            _owned(request),
-            request,
-            AttemptStatus.requires_action,
-            stripe_payment_intent_id=outcome.payment_intent_id,
-            client_secret=outcome.client_secret,
-        )
-    else:
-        kind = FailureKind(outcome.failure_kind or FailureKind.declined)
-        _fail(
-            _owned(request),
-            request,
-            kind,
-            outcome.failure_reason or "the charge failed",
-            stripe_payment_intent_id=outcome.payment_intent_id,
-        )
+    with locked_account(org) as account:  # the outcome: one unit of work
+        if outcome.status == "succeeded":
+            payment_succeeded(account, str(outcome.payment_intent_id), request.amount, request.id)
+        elif outcome.status == "requires_action":
+            _settle(
+                account,
+                _owned(request),
+                request,
+                AttemptStatus.requires_action,
+                stripe_payment_intent_id=outcome.payment_intent_id,
+                client_secret=outcome.client_secret,
+            )
+        else:
+            kind = FailureKind(outcome.failure_kind or FailureKind.declined)
+            _fail(
+                account,
+                _owned(request),
+                request,
+                kind,
+                outcome.failure_reason or "the charge failed",
+                stripe_payment_intent_id=outcome.payment_intent_id,
+            )
     return outcome.status
 
 
@@ -269,20 +294,23 @@ def _attempt_for(
 
 
 def payment_succeeded(
-    organization_id: str, payment_intent_id: str, amount: int, attempt_id: str | None
+    account: BillingAccount, payment_intent_id: str, amount: int, attempt_id: str | None
 ) -> str:
-    """Grant the recharge once per payment (worker and webhook may both report it)."""
+    """Grant the recharge once per payment (worker and webhook may both report it), on the
+    organization's locked account."""
+    organization_id = account.organization_id
     result = ledger.grant(
-        organization_id,
+        account,
         amount,
-        "recharge",
-        "auto-recharge",
-        payment_intent_id,
-        f"recharge:{payment_intent_id}",
+        CreditEntryType.recharge,
+        reason="auto-recharge",
+        reference_id=payment_intent_id,
+        idempotency_ref=f"recharge:{payment_intent_id}",
     )
     attempt = _attempt_for(organization_id, payment_intent_id, attempt_id)
     if attempt is not None and attempt.status != AttemptStatus.succeeded:
         _settle(
+            account,
             (AutoRechargeRequest.id == attempt.id)
             & (AutoRechargeRequest.status != AttemptStatus.succeeded),
             attempt,
@@ -291,17 +319,18 @@ def payment_succeeded(
             client_secret=None,
             failure_reason=None,
         )
-        recharge_policy.reset_failures(organization_id)
+        recharge_policy.reset_failures(account)
     return "recharge already granted" if result.replayed else "recharge granted"
 
 
 def payment_failed(
-    organization_id: str, payment_intent_id: str, reason: str, *, attempt_id: str | None = None
+    account: BillingAccount, payment_intent_id: str, reason: str, *, attempt_id: str | None = None
 ) -> str:
-    attempt = _attempt_for(organization_id, payment_intent_id, attempt_id)
+    attempt = _attempt_for(account.organization_id, payment_intent_id, attempt_id)
     if attempt is None or attempt.status in SETTLED:
         return "auto-recharge failure already recorded"
     _fail(
+        account,
         _unsettled(attempt),
         attempt,
         FailureKind.declined,
@@ -312,16 +341,17 @@ def payment_failed(
 
 
 def payment_requires_action(
-    organization_id: str,
+    account: BillingAccount,
     payment_intent_id: str,
     client_secret: str | None,
     *,
     attempt_id: str | None = None,
 ) -> str:
-    attempt = _attempt_for(organization_id, payment_intent_id, attempt_id)
+    attempt = _attempt_for(account.organization_id, payment_intent_id, attempt_id)
     if attempt is None or attempt.status not in (*IN_FLIGHT, AttemptStatus.requires_action):
         return "ignored"
     _settle(
+        account,
         (AutoRechargeRequest.id == attempt.id)
         & AutoRechargeRequest.status.in_((*IN_FLIGHT, AttemptStatus.requires_action)),
         attempt,
@@ -332,25 +362,15 @@ def payment_requires_action(
     return "auto-recharge requires action"
 
 
-def remember_payment_method(organization_id: str, payment_method_id: str) -> None:
+def remember_payment_method(account: BillingAccount, payment_method_id: str) -> None:
     """A successful payment's card becomes the one auto-recharge uses, if none is saved or
-    the saved one has been failing; a new card re-evaluates auto-recharge at once."""
-    changed = (
-        BillingAccount.update(stripe_payment_method_id=payment_method_id)
-        .where(
-            (BillingAccount.organization == organization_id)
-            & (
-                BillingAccount.stripe_payment_method_id.is_null()
-                | (
-                    (BillingAccount.auto_recharge_failure_count > 0)
-                    & (BillingAccount.stripe_payment_method_id != payment_method_id)
-                )
-            )
-        )
-        .execute()
-    )
-    if changed:
-        recharge_policy.reconsider(organization_id)
+    the saved one has been failing; a new card re-evaluates auto-recharge at once. On the
+    organization's locked account."""
+    saved = account.stripe_payment_method_id
+    if saved is None or (account.auto_recharge_failure_count > 0 and saved != payment_method_id):
+        account.stripe_payment_method_id = payment_method_id
+        account.save(only=[BillingAccount.stripe_payment_method_id])
+        recharge_policy.request_if_due(account)
 
 
 def pending_action(organization_id: str) -> RequiresAction | None:

@@ -13,14 +13,22 @@ import datetime as dt
 import uuid
 
 from billing import ledger, recharge_policy
-from billing.accounts import get_account, lock_account
+from billing.accounts import get_account, locked_account
 from billing.config import Settings
 from billing.errors import Conflict, InvalidRequest, NotFound
 from billing.plans import LIVE_STATUSES, PLANS
 from billing.stripe_gateway import BillingGateway, SessionInfo
 from billing.subscriptions import SubscriptionState, apply_subscription_state, grant_welcome_credit
 from billing.units import CENT, TOP_UP_MAX, TOP_UP_MIN
-from models import BillingAccount, CheckoutSession, utcnow, write_transaction
+from models import (
+    BillingAccount,
+    CheckoutKind,
+    CheckoutSession,
+    CheckoutStatus,
+    CreditEntryType,
+    SubscriptionStatus,
+    utcnow,
+)
 
 LOCAL_PAYMENT_METHOD = "pm_local_card"
 
@@ -43,7 +51,7 @@ def ensure_customer(organization_id: str, gateway: BillingGateway) -> str:
 
 
 def _record(
-    session: SessionInfo, organization_id: str, kind: str, **details: object
+    session: SessionInfo, organization_id: str, kind: CheckoutKind, **details: object
 ) -> SessionInfo:
     """Store the session Stripe answered with (once, even if an idempotent replay repeats it)."""
     CheckoutSession.insert(
@@ -80,7 +88,7 @@ def start_subscription_checkout(
     return _record(
         session,
         organization_id,
-        "subscription",
+        CheckoutKind.subscription,
         plan=plan,
         success_url=success_url,
         cancel_url=cancel_url,
@@ -115,7 +123,7 @@ def start_top_up(
     return _record(
         session,
         organization_id,
-        "top_up",
+        CheckoutKind.top_up,
         amount=amount,
         success_url=success_url,
         cancel_url=cancel_url,
@@ -131,15 +139,16 @@ def open_portal(organization_id: str, return_url: str, gateway: BillingGateway) 
     return gateway.create_portal_session(customer, return_url)
 
 
-def grant_top_up(organization_id: str, amount: int, payment_reference: str) -> bool:
-    """Credits for a paid top-up; the payment's reference makes it apply once."""
+def grant_top_up(account: BillingAccount, amount: int, payment_reference: str) -> bool:
+    """Credits for a paid top-up, on the locked account; the payment's reference makes it
+    apply once."""
     result = ledger.grant(
-        organization_id,
+        account,
         amount,
-        "top_up",
-        "credit top-up",
-        payment_reference,
-        f"topup:{payment_reference}",
+        CreditEntryType.top_up,
+        reason="credit top-up",
+        reference_id=payment_reference,
+        idempotency_ref=f"topup:{payment_reference}",
     )
     return not result.replayed
 
@@ -162,10 +171,10 @@ def activate_locally(
     keep_local_card(account)
     now = utcnow()
     apply_subscription_state(
-        account.organization_id,
+        account,
         SubscriptionState(
             subscription_id=account.stripe_subscription_id or f"sub_local_{uuid.uuid4().hex[:16]}",
-            status="active",
+            status=SubscriptionStatus.active,
             plan=plan,
             started_at=started_at,
             ends_at=None,
@@ -173,40 +182,40 @@ def activate_locally(
         ),
         int(now.timestamp()),
     )
-    grant_welcome_credit(account.organization_id, plan, welcome_reference)
+    grant_welcome_credit(account, plan, welcome_reference)
 
 
 def complete_local_checkout(organization_id: str) -> CheckoutSession:
-    """Local billing mode: finish the newest open session as Stripe's webhooks would."""
-    with write_transaction():
+    """Local billing mode: finish the newest open session as Stripe's webhooks would. One
+    unit of work."""
+    with locked_account(organization_id) as account:
         session = (
             CheckoutSession.select()
             .where(
                 (CheckoutSession.organization == organization_id)
-                & (CheckoutSession.status == "open")
+                & (CheckoutSession.status == CheckoutStatus.open)
             )
             .order_by(CheckoutSession.created_at.desc(), CheckoutSession.id.desc())
             .first()
         )
         if session is None:
             raise NotFound("no open local checkout for this organization")
-        completed = complete_local_session(session)
-    recharge_policy.reconsider(organization_id)  # a card may be on file now
-    return completed
+        return complete_local_session(account, session)
 
 
-def complete_local_session(session: CheckoutSession) -> CheckoutSession:
-    """Finish one open local session as Stripe's webhooks would (inside a write transaction):
-    activate the plan and grant the welcome credit once, or grant the top-up once."""
-    account = lock_account(session.organization_id)
-    if session.kind == "subscription":
+def complete_local_session(account: BillingAccount, session: CheckoutSession) -> CheckoutSession:
+    """Finish one open local session on its organization's locked account, as Stripe's
+    webhooks would: activate the plan and grant the welcome credit once, or grant the top-up
+    once; then, a card being on file now, a recharge may be due."""
+    if session.kind == CheckoutKind.subscription:
         assert session.plan is not None  # a subscription session always stores its plan
         activate_locally(account, session.plan, started_at=utcnow(), welcome_reference=session.id)
     else:
         assert session.amount is not None  # a top-up session always stores its amount
         keep_local_card(account)
-        grant_top_up(session.organization_id, session.amount, session.id)
-    session.status = "completed"
+        grant_top_up(account, session.amount, session.id)
+    session.status = CheckoutStatus.completed
     session.completed_at = utcnow()
     session.save()
+    recharge_policy.request_if_due(account)
     return session

@@ -3,8 +3,8 @@
 The hold is its own state (`billing_accounts.disputed_at`, from the open `StripeDispute` rows),
 apart from an operator's suspension (`suspended_at`): closing a dispute never lifts an
 operator's suspension, and lifting that never ends a dispute hold. A dispute's rows change
-only under the account lock, so its closing reverses once, and `created` arriving after
-`closed` opens nothing.
+only under the account lock (the webhook's unit of work locks it and passes it here), so its
+closing reverses once, and `created` arriving after `closed` opens nothing.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from billing import ledger
-from billing.accounts import lock_account
 from billing.units import CENT
-from models import BillingAccount, StripeDispute, StripePayment, utcnow, write_transaction
+from models import BillingAccount, StripeDispute, StripePayment, utcnow
 
 
 class DisputeOutcome(StrEnum):
@@ -32,55 +31,53 @@ class DisputeReport:
     currency: str | None
 
 
-def opened(organization_id: str, dispute: DisputeReport) -> str:
-    with write_transaction():
-        account = lock_account(organization_id)
-        row = StripeDispute.get_or_none(StripeDispute.id == dispute.dispute_id)
-        if row is not None:
-            return "dispute already known: no change"
-        StripeDispute.create(
+def opened(account: BillingAccount, dispute: DisputeReport) -> str:
+    organization_id = account.organization_id
+    row = StripeDispute.get_or_none(StripeDispute.id == dispute.dispute_id)
+    if row is not None:
+        return "dispute already known: no change"
+    StripeDispute.create(
+        id=dispute.dispute_id,
+        organization=organization_id,
+        payment_id=dispute.payment_id,
+        status=dispute.status,
+        is_open=True,
+    )
+    _refresh_hold(account)
+    return "dispute opened: spending held"
+
+
+def closed(account: BillingAccount, dispute: DisputeReport) -> str:
+    organization_id = account.organization_id
+    row = StripeDispute.get_or_none(StripeDispute.id == dispute.dispute_id)
+    if row is not None and not row.is_open:
+        return "dispute already closed: no change"
+    if row is None:  # closed before we heard it open: it never holds spending
+        row = StripeDispute.create(
             id=dispute.dispute_id,
             organization=organization_id,
             payment_id=dispute.payment_id,
             status=dispute.status,
-            is_open=True,
+            is_open=False,
+            closed_at=utcnow(),
         )
-        _refresh_hold(account)
-        return "dispute opened: spending held"
-
-
-def closed(organization_id: str, dispute: DisputeReport) -> str:
-    with write_transaction():
-        lock_account(organization_id)
-        row = StripeDispute.get_or_none(StripeDispute.id == dispute.dispute_id)
-        if row is not None and not row.is_open:
-            return "dispute already closed: no change"
-        if row is None:  # closed before we heard it open: it never holds spending
-            row = StripeDispute.create(
-                id=dispute.dispute_id,
-                organization=organization_id,
-                payment_id=dispute.payment_id,
-                status=dispute.status,
-                is_open=False,
-                closed_at=utcnow(),
-            )
-        else:
-            row.payment_id = row.payment_id or dispute.payment_id
-            row.status, row.is_open, row.closed_at = dispute.status, False, utcnow()
-            row.save()
-        outcome = f"dispute {dispute.status}"
-        if dispute.status == DisputeOutcome.lost and row.payment_id:
-            share = _share(ledger.payment_on_record(organization_id, row.payment_id), dispute)
-            result = ledger.reverse_payment(
-                organization_id,
-                row.payment_id,
-                kind=ledger.ReversalKind.dispute,
-                share=share,
-                reference_id=dispute.dispute_id,
-            )
-            outcome = f"dispute lost: reversed {result.reversed_now}"
-        _refresh_hold(lock_account(organization_id))
-        return outcome
+    else:
+        row.payment_id = row.payment_id or dispute.payment_id
+        row.status, row.is_open, row.closed_at = dispute.status, False, utcnow()
+        row.save()
+    outcome = f"dispute {dispute.status}"
+    if dispute.status == DisputeOutcome.lost and row.payment_id:
+        share = _share(ledger.payment_on_record(account, row.payment_id), dispute)
+        result = ledger.reverse_payment(
+            account,
+            row.payment_id,
+            kind=ledger.ReversalKind.dispute,
+            share=share,
+            reference_id=dispute.dispute_id,
+        )
+        outcome = f"dispute lost: reversed {result.reversed_now}"
+    _refresh_hold(account)
+    return outcome
 
 
 def _share(payment: StripePayment | None, dispute: DisputeReport) -> int:

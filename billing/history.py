@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from billing.errors import InvalidRequest
-from models import CreditEntry
+from models import CreditEntry, CreditEntryType
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -41,16 +41,17 @@ class EntryType(StrEnum):
     release = "release"
 
 
-# The ledger's internal entry type -> (wire type, reason shown when the entry has none).
+# The ledger's internal entry type (and a hold's) -> (wire type, reason shown when the entry
+# has none).
 WIRE_TYPES: dict[str, tuple[EntryType, str]] = {
-    "top_up": (EntryType.purchase, "credit top-up"),
-    "welcome_grant": (EntryType.purchase, "welcome credit"),
-    "initial_grant": (EntryType.purchase, "initial credit"),
-    "charge": (EntryType.usage, "usage"),
-    "recharge": (EntryType.auto_recharge, "auto-recharge"),
-    "refund": (EntryType.refund, "refund"),
-    "dispute": (EntryType.refund, "lost dispute"),
-    "adjustment": (EntryType.adjustment, "operator adjustment"),
+    CreditEntryType.top_up: (EntryType.purchase, "credit top-up"),
+    CreditEntryType.welcome_grant: (EntryType.purchase, "welcome credit"),
+    CreditEntryType.initial_grant: (EntryType.purchase, "initial credit"),
+    CreditEntryType.charge: (EntryType.usage, "usage"),
+    CreditEntryType.recharge: (EntryType.auto_recharge, "auto-recharge"),
+    CreditEntryType.refund: (EntryType.refund, "refund"),
+    CreditEntryType.dispute: (EntryType.refund, "lost dispute"),
+    CreditEntryType.adjustment: (EntryType.adjustment, "operator adjustment"),
     "reserve": (EntryType.reserve, "credits held"),
     "release": (EntryType.release, "hold released"),
 }

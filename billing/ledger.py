@@ -1,6 +1,12 @@
 """The credit ledger: the only code that moves an organization's credits.
 
-Rules kept here, in one transaction per operation:
+Its operations take the account a use case locked (`billing.accounts.locked_account`) and never
+open a transaction or take a lock themselves: `grant`, `debit`, `take_back` and `adjust`, and
+the payment rules `credit_payment` and `reverse_payment`. The reservation use cases (`reserve`,
+`finalize_reservation`, `release_reservation`) are entry points: each opens one unit of work.
+`reason`, `reference_id`, `idempotency_ref` and `overdraft` are keyword-only.
+
+Rules kept here, within the caller's one transaction:
 - entries are appended, never changed; each stores `balance_after`, and the account's
   `credits_balance` always equals the sum of the organization's entries;
 - `reserved_credits` equals the sum of open reservations, and available = balance - reserved
@@ -12,42 +18,58 @@ Rules kept here, in one transaction per operation:
   month's `charge` entries) in every charge's own transaction, so the cap check reads the locked
   row and no debit aggregates over the ledger (its cost does not grow with history).
 
-Concurrency: `write_transaction` + `lock_account` serialize writers per organization (row lock
-on PostgreSQL, the writer lock on SQLite), so no update is lost and no check is raced.
+Concurrency: the unit of work (`write_transaction` + the account lock, taken once) serializes
+writers per organization (row lock on PostgreSQL, the writer lock on SQLite), so no update is
+lost and no check is raced.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
 from peewee import Field
 
 from billing import recharge_policy
-from billing.accounts import lock_account, suspended_since
+from billing.accounts import locked_account, suspended_since
 from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
 from billing.metrics import LEDGER_ENTRIES, LEDGER_REFUSALS
 from billing.units import INT64_MAX
 from models import (
     BillingAccount,
     CreditEntry,
+    CreditEntryType,
+    PaymentKind,
     Reservation,
+    ReservationStatus,
     StripePayment,
     after_rollback,
     database,
     is_postgres,
     utcnow,
-    write_transaction,
 )
 
-CREDIT_TYPES = frozenset({"adjustment", "recharge", "initial_grant", "top_up", "welcome_grant"})
-DEBIT_TYPES = frozenset({"charge", "refund", "dispute", "adjustment"})
+CREDIT_TYPES = frozenset(
+    {
+        CreditEntryType.adjustment,
+        CreditEntryType.recharge,
+        CreditEntryType.initial_grant,
+        CreditEntryType.top_up,
+        CreditEntryType.welcome_grant,
+    }
+)
+DEBIT_TYPES = frozenset(
+    {
+        CreditEntryType.charge,
+        CreditEntryType.refund,
+        CreditEntryType.dispute,
+        CreditEntryType.adjustment,
+    }
+)
 # Entries that count as spending against the usage cap.
-SPEND_TYPES = ("charge",)
+SPEND_TYPES = (CreditEntryType.charge,)
 
 
 @dataclass(frozen=True)
@@ -72,8 +94,9 @@ def _check_amount(amount: int, *, allow_zero: bool = False) -> None:
 
 def _append(
     account: BillingAccount,
-    entry_type: str,
+    entry_type: CreditEntryType,
     amount: int,
+    *,
     reason: str | None,
     reference_id: str | None,
     idempotency_ref: str | None,
@@ -166,7 +189,7 @@ def month_spend(account: BillingAccount, now: dt.datetime) -> int:
 
 
 def apply_to_account(
-    account: BillingAccount, entry_type: str, amount: int, now: dt.datetime
+    account: BillingAccount, entry_type: CreditEntryType, amount: int, now: dt.datetime
 ) -> int:
     """Move a locked account's in-memory totals by one entry made at `now`; return the new
     balance. The caller writes the row (the `ACCOUNT_TOTALS` columns) in the same transaction.
@@ -186,22 +209,14 @@ def apply_to_account(
 
 
 def _replay(idempotency_ref: str | None, organization_id: str) -> CreditEntry | None:
+    """The entry already made under this reference (if any): callers return it instead of
+    applying twice. Read under the account lock."""
     if idempotency_ref is None:
         return None
     entry = CreditEntry.get_or_none(CreditEntry.idempotency_ref == idempotency_ref)
     if entry is not None and entry.organization_id != organization_id:
         raise Conflict("this reference belongs to another organization")
     return entry
-
-
-@contextmanager
-def _ledger_write(
-    organization_id: str, idempotency_ref: str | None
-) -> Iterator[tuple[BillingAccount, CreditEntry | None]]:
-    """A serialized write on the organization, with the entry already made under this
-    reference (if any): callers return that instead of applying twice."""
-    with write_transaction():
-        yield lock_account(organization_id), _replay(idempotency_ref, organization_id)
 
 
 def _result(account: BillingAccount, entry: CreditEntry | None, replayed: bool) -> LedgerResult:
@@ -257,68 +272,71 @@ def after_spending(account: BillingAccount) -> None:
 
 
 def grant(
-    organization_id: str,
+    account: BillingAccount,
     amount: int,
-    entry_type: str,
+    entry_type: CreditEntryType,
+    *,
     reason: str | None = None,
     reference_id: str | None = None,
     idempotency_ref: str | None = None,
 ) -> LedgerResult:
-    """Add credits (top-up, welcome grant, recharge, positive adjustment)."""
+    """Add credits to the locked account (top-up, welcome grant, recharge, positive
+    adjustment)."""
     if entry_type not in CREDIT_TYPES:
         raise InvalidRequest(f"{entry_type} is not a credit entry type")
     _check_amount(amount)
-    with _ledger_write(organization_id, idempotency_ref) as (account, existing):
-        if existing is not None:
-            return _result(account, existing, True)
-        entry = _append(account, entry_type, amount, reason, reference_id, idempotency_ref)
-        return _result(account, entry, False)
+    existing = _replay(idempotency_ref, account.organization_id)
+    if existing is not None:
+        return _result(account, existing, True)
+    entry = _append(
+        account,
+        entry_type,
+        amount,
+        reason=reason,
+        reference_id=reference_id,
+        idempotency_ref=idempotency_ref,
+    )
+    return _result(account, entry, False)
 
 
 def debit(
-    organization_id: str,
+    account: BillingAccount,
     amount: int,
-    entry_type: str = "charge",
+    entry_type: CreditEntryType = CreditEntryType.charge,
+    *,
     reason: str | None = None,
     reference_id: str | None = None,
     idempotency_ref: str | None = None,
     overdraft: int = 0,
 ) -> LedgerResult:
-    """Take credits for spending; refused with 402 when the guards say no."""
+    """Take credits from the locked account for spending; refused with 402 when the guards
+    say no."""
     if entry_type not in DEBIT_TYPES:
         raise InvalidRequest(f"{entry_type} is not a debit entry type")
     _check_amount(amount, allow_zero=True)
-    with _ledger_write(organization_id, idempotency_ref) as (account, existing):
-        if existing is not None:
-            return _result(account, existing, True)
-        entry = debit_locked(
-            account, amount, entry_type, reason, reference_id, idempotency_ref, overdraft
-        )
-        return _result(account, entry, False)
-
-
-def debit_locked(
-    account: BillingAccount,
-    amount: int,
-    entry_type: str,
-    reason: str | None,
-    reference_id: str | None,
-    idempotency_ref: str | None,
-    overdraft: int,
-) -> CreditEntry:
-    """The debit itself, for callers already inside a write transaction holding the lock."""
+    existing = _replay(idempotency_ref, account.organization_id)
+    if existing is not None:
+        return _result(account, existing, True)
     check_can_spend(account, amount, overdraft)
-    entry = _append(account, entry_type, -amount, reason, reference_id, idempotency_ref)
+    entry = _append(
+        account,
+        entry_type,
+        -amount,
+        reason=reason,
+        reference_id=reference_id,
+        idempotency_ref=idempotency_ref,
+    )
     recharge_policy.request_if_due(account)
-    return entry
+    return _result(account, entry, False)
 
 
 def take_back(
-    organization_id: str,
+    account: BillingAccount,
     amount: int,
-    entry_type: str,
-    reason: str | None,
-    reference_id: str | None,
+    entry_type: CreditEntryType,
+    *,
+    reason: str | None = None,
+    reference_id: str | None = None,
     idempotency_ref: str,
 ) -> LedgerResult:
     """Reverse credits for a refund or lost dispute: at most what remains available.
@@ -327,35 +345,57 @@ def take_back(
     payment provider's matter, so the balance never goes negative through a reversal.
     """
     _check_amount(amount)
-    with _ledger_write(organization_id, idempotency_ref) as (account, existing):
-        if existing is not None:
-            return _result(account, existing, True)
-        remaining = max(0, account.credits_balance - account.reserved_credits)
-        taken = min(amount, remaining)
-        entry = _append(account, entry_type, -taken, reason, reference_id, idempotency_ref)
-        return _result(account, entry, False)
+    existing = _replay(idempotency_ref, account.organization_id)
+    if existing is not None:
+        return _result(account, existing, True)
+    remaining = max(0, account.credits_balance - account.reserved_credits)
+    taken = min(amount, remaining)
+    entry = _append(
+        account,
+        entry_type,
+        -taken,
+        reason=reason,
+        reference_id=reference_id,
+        idempotency_ref=idempotency_ref,
+    )
+    return _result(account, entry, False)
 
 
 def adjust(
-    organization_id: str,
+    account: BillingAccount,
     amount: int,
+    *,
     reason: str,
     idempotency_ref: str | None = None,
     overdraft: int = 0,
 ) -> LedgerResult:
-    """A signed correction by an operator; a negative one may not overdraw."""
+    """A signed correction by an operator on the locked account; a negative one may not
+    overdraw."""
     if amount == 0 or isinstance(amount, bool) or not isinstance(amount, int):
         raise InvalidRequest("an adjustment must be a non-zero integer")
     if amount > 0:
-        return grant(organization_id, amount, "adjustment", reason, None, idempotency_ref)
-    with _ledger_write(organization_id, idempotency_ref) as (account, existing):
-        if existing is not None:
-            return _result(account, existing, True)
-        available = account.credits_balance - account.reserved_credits
-        if available + amount < -overdraft:
-            raise PaymentRequired("not enough available credits")
-        entry = _append(account, "adjustment", amount, reason, None, idempotency_ref)
-        return _result(account, entry, False)
+        return grant(
+            account,
+            amount,
+            CreditEntryType.adjustment,
+            reason=reason,
+            idempotency_ref=idempotency_ref,
+        )
+    existing = _replay(idempotency_ref, account.organization_id)
+    if existing is not None:
+        return _result(account, existing, True)
+    available = account.credits_balance - account.reserved_credits
+    if available + amount < -overdraft:
+        raise PaymentRequired("not enough available credits")
+    entry = _append(
+        account,
+        CreditEntryType.adjustment,
+        amount,
+        reason=reason,
+        reference_id=None,
+        idempotency_ref=idempotency_ref,
+    )
+    return _result(account, entry, False)
 
 
 # --- reservations ------------------------------------------------------------------------
@@ -378,12 +418,11 @@ def _reservation_result(
 
 
 def reserve(
-    organization_id: str, amount: int, reference_id: str, overdraft: int = 0
+    organization_id: str, amount: int, *, reference_id: str, overdraft: int = 0
 ) -> ReservationResult:
-    """Hold credits for work in progress; the same reference holds once."""
+    """Hold credits for work in progress; the same reference holds once. One unit of work."""
     _check_amount(amount)
-    with write_transaction():
-        account = lock_account(organization_id)
+    with locked_account(organization_id) as account:
         existing = Reservation.get_or_none(
             (Reservation.organization == organization_id)
             & (Reservation.reference_id == reference_id)
@@ -410,20 +449,18 @@ def _move_reserved(account: BillingAccount, delta: int) -> None:
     account.save(only=[BillingAccount.reserved_credits, BillingAccount.updated_at])
 
 
-def _lock_reservation(
-    organization_id: str, reservation_id: str
-) -> tuple[BillingAccount, Reservation]:
-    account = lock_account(organization_id)
+def _reservation_of(account: BillingAccount, reservation_id: str) -> Reservation:
+    """The organization's reservation, read under its account lock."""
     reservation = Reservation.get_or_none(
-        (Reservation.id == reservation_id) & (Reservation.organization == organization_id)
+        (Reservation.id == reservation_id) & (Reservation.organization == account.organization_id)
     )
     if reservation is None:
         raise NotFound("reservation not found")
-    return account, reservation
+    return reservation
 
 
 def finalize_reservation(
-    organization_id: str, reservation_id: str, actual_amount: int, overdraft: int = 0
+    organization_id: str, reservation_id: str, actual_amount: int, *, overdraft: int = 0
 ) -> ReservationResult:
     """Charge the actual amount and release the rest of the hold.
 
@@ -432,13 +469,13 @@ def finalize_reservation(
     available (the usual guards apply to the extra).
     """
     _check_amount(actual_amount, allow_zero=True)
-    with write_transaction():
-        account, reservation = _lock_reservation(organization_id, reservation_id)
-        if reservation.status == "finalized":
+    with locked_account(organization_id) as account:
+        reservation = _reservation_of(account, reservation_id)
+        if reservation.status == ReservationStatus.finalized:
             if reservation.final_amount != actual_amount:
                 raise Conflict("the reservation was finalized with another amount")
             return _reservation_result(account, reservation, True)
-        if reservation.status != "open":
+        if reservation.status != ReservationStatus.open:
             raise Conflict(f"the reservation is {reservation.status}")
         _move_reserved(account, -reservation.amount)
         if actual_amount > reservation.amount:
@@ -446,13 +483,13 @@ def finalize_reservation(
             check_can_spend(account, actual_amount, overdraft)
         entry = _append(
             account,
-            "charge",
+            CreditEntryType.charge,
             -actual_amount,
-            "reservation finalized",
-            reservation.reference_id,
-            f"reservation:{reservation.id}",
+            reason="reservation finalized",
+            reference_id=reservation.reference_id,
+            idempotency_ref=f"reservation:{reservation.id}",
         )
-        reservation.status = "finalized"
+        reservation.status = ReservationStatus.finalized
         reservation.final_amount = actual_amount
         reservation.credit_entry = entry
         reservation.closed_at = utcnow()
@@ -463,14 +500,14 @@ def finalize_reservation(
 
 def release_reservation(organization_id: str, reservation_id: str) -> ReservationResult:
     """Give the whole hold back; releasing twice replays, releasing a finalized one is a 409."""
-    with write_transaction():
-        account, reservation = _lock_reservation(organization_id, reservation_id)
-        if reservation.status == "released":
+    with locked_account(organization_id) as account:
+        reservation = _reservation_of(account, reservation_id)
+        if reservation.status == ReservationStatus.released:
             return _reservation_result(account, reservation, True)
-        if reservation.status != "open":
+        if reservation.status != ReservationStatus.open:
             raise Conflict(f"the reservation is {reservation.status}")
         _move_reserved(account, -reservation.amount)
-        reservation.status = "released"
+        reservation.status = ReservationStatus.released
         reservation.closed_at = utcnow()
         reservation.save()
         return _reservation_result(account, reservation, False)
@@ -489,14 +526,11 @@ def release_reservation(organization_id: str, reservation_id: str) -> Reservatio
 SHARE_WHOLE = 10**9
 
 
-class PaymentKind(StrEnum):
-    top_up = "top_up"
-    auto_recharge = "auto_recharge"
-
-
 class ReversalKind(StrEnum):
-    refund = "refund"
-    dispute = "dispute"
+    """What reverses a payment; each is also the type of the entry it appends."""
+
+    refund = CreditEntryType.refund.value
+    dispute = CreditEntryType.dispute.value
 
 
 # Grants made before payments were tracked (or by auto-recharge) are found by their reference.
@@ -532,11 +566,11 @@ def _payment_row(organization_id: str, payment_id: str) -> StripePayment | None:
             return StripePayment.create(
                 id=payment_id,
                 organization=organization_id,
-                kind=kind.value,
+                kind=kind,
                 ordered_amount=entry.amount,
                 granted_amount=entry.amount,
             )
-        payment.kind, payment.granted_amount = kind.value, entry.amount
+        payment.kind, payment.granted_amount = kind, entry.amount
     return payment
 
 
@@ -553,10 +587,10 @@ def _settled_target(payment_id: str) -> int:
     return _reversal_target(StripePayment.get_or_none(StripePayment.id == payment_id))
 
 
-def payment_on_record(organization_id: str, payment_id: str) -> StripePayment | None:
+def payment_on_record(account: BillingAccount, payment_id: str) -> StripePayment | None:
     """The payment row, also for a grant made before payments were tracked (auto-recharge,
-    older top-ups); call under the account lock."""
-    return _payment_row(organization_id, payment_id)
+    older top-ups), read under the account's lock."""
+    return _payment_row(account.organization_id, payment_id)
 
 
 def _settle_reversals(
@@ -573,8 +607,15 @@ def _settle_reversals(
     available = max(0, account.credits_balance - account.reserved_credits)
     taken = min(due, available)
     if taken > 0:
-        kind = (ReversalKind.dispute if payment.disputed_share else ReversalKind.refund).value
-        _append(account, kind, -taken, f"{kind} of {payment.id}", reference, None)
+        kind = ReversalKind.dispute if payment.disputed_share else ReversalKind.refund
+        _append(
+            account,
+            CreditEntryType(kind.value),
+            -taken,
+            reason=f"{kind} of {payment.id}",
+            reference_id=reference,
+            idempotency_ref=None,
+        )
         payment.reversed_amount += taken
     payment.updated_at = utcnow()
     payment.save()
@@ -582,7 +623,7 @@ def _settle_reversals(
 
 
 def credit_payment(
-    organization_id: str,
+    account: BillingAccount,
     payment_id: str,
     *,
     kind: PaymentKind,
@@ -597,38 +638,44 @@ def credit_payment(
 
     A flagged payment (its settlement did not match the order) is recorded and never credited
     here: an operator decides. Reversals reported before the grant apply right after it.
+    Takes the locked account of the payment's organization.
     """
-    with write_transaction():
-        account = lock_account(organization_id)
-        settled = _settled_target(payment_id)
-        payment = _payment_row(organization_id, payment_id)
-        if payment is None:
-            payment = StripePayment.create(
-                id=payment_id, organization=organization_id, kind=kind.value, ordered_amount=ordered
+    organization_id = account.organization_id
+    settled = _settled_target(payment_id)
+    payment = _payment_row(organization_id, payment_id)
+    if payment is None:
+        payment = StripePayment.create(
+            id=payment_id, organization=organization_id, kind=kind, ordered_amount=ordered
+        )
+    payment.ordered_amount = payment.ordered_amount or ordered
+    payment.charge_id = payment.charge_id or charge_id
+    if charged_currency and charged_amount and payment.charged_amount is None:
+        payment.charged_currency, payment.charged_amount = charged_currency, charged_amount
+    if flagged_reason:
+        payment.flagged_reason = flagged_reason[:500]
+    granted_now = 0
+    if grant_amount and not payment.flagged_reason and payment.granted_amount == 0:
+        _check_amount(grant_amount)
+        ref = _GRANT_REFS[PaymentKind(payment.kind)].format(payment_id)
+        top_up = payment.kind == PaymentKind.top_up
+        existing = _replay(ref, organization_id)
+        if existing is None:
+            _append(
+                account,
+                CreditEntryType.top_up if top_up else CreditEntryType.recharge,
+                grant_amount,
+                reason="credit top-up" if top_up else "auto-recharge",
+                reference_id=payment_id,
+                idempotency_ref=ref,
             )
-        payment.ordered_amount = payment.ordered_amount or ordered
-        payment.charge_id = payment.charge_id or charge_id
-        if charged_currency and charged_amount and payment.charged_amount is None:
-            payment.charged_currency, payment.charged_amount = charged_currency, charged_amount
-        if flagged_reason:
-            payment.flagged_reason = flagged_reason[:500]
-        granted_now = 0
-        if grant_amount and not payment.flagged_reason and payment.granted_amount == 0:
-            _check_amount(grant_amount)
-            ref = _GRANT_REFS[PaymentKind(payment.kind)].format(payment_id)
-            entry_type = "top_up" if payment.kind == PaymentKind.top_up else "recharge"
-            existing = _replay(ref, organization_id)
-            if existing is None:
-                reason = "credit top-up" if entry_type == "top_up" else "auto-recharge"
-                _append(account, entry_type, grant_amount, reason, payment_id, ref)
-                granted_now = grant_amount
-            payment.granted_amount = existing.amount if existing else grant_amount
-        reversed_now = _settle_reversals(account, payment, payment.charge_id or payment_id, settled)
-        return PaymentOutcome(payment, granted_now, reversed_now)
+            granted_now = grant_amount
+        payment.granted_amount = existing.amount if existing else grant_amount
+    reversed_now = _settle_reversals(account, payment, payment.charge_id or payment_id, settled)
+    return PaymentOutcome(payment, granted_now, reversed_now)
 
 
 def reverse_payment(
-    organization_id: str,
+    account: BillingAccount,
     payment_id: str,
     *,
     kind: ReversalKind,
@@ -637,21 +684,20 @@ def reverse_payment(
     charge_id: str | None = None,
 ) -> PaymentOutcome:
     """A refund (`share` = the cumulative refunded share of the payment) or a lost dispute
-    (`share` = this dispute's share, added once per dispute by the caller's own state), in one
-    transaction under the account lock: never more than the payment granted in total."""
-    with write_transaction():
-        account = lock_account(organization_id)
-        settled = _settled_target(payment_id)
-        payment = _payment_row(organization_id, payment_id)
-        if payment is None:
-            # Reported before the payment itself: remembered, applied when it is credited.
-            payment = StripePayment.create(
-                id=payment_id, organization=organization_id, kind=PaymentKind.top_up.value
-            )
-        payment.charge_id = payment.charge_id or charge_id
-        if kind == ReversalKind.refund:
-            payment.refunded_share = max(payment.refunded_share, min(share, SHARE_WHOLE))
-        else:
-            payment.disputed_share = min(SHARE_WHOLE, payment.disputed_share + max(share, 0))
-        reversed_now = _settle_reversals(account, payment, reference_id, settled)
-        return PaymentOutcome(payment, 0, reversed_now)
+    (`share` = this dispute's share, added once per dispute by the caller's own state), on the
+    payment's locked account: never more than the payment granted in total."""
+    organization_id = account.organization_id
+    settled = _settled_target(payment_id)
+    payment = _payment_row(organization_id, payment_id)
+    if payment is None:
+        # Reported before the payment itself: remembered, applied when it is credited.
+        payment = StripePayment.create(
+            id=payment_id, organization=organization_id, kind=PaymentKind.top_up
+        )
+    payment.charge_id = payment.charge_id or charge_id
+    if kind == ReversalKind.refund:
+        payment.refunded_share = max(payment.refunded_share, min(share, SHARE_WHOLE))
+    else:
+        payment.disputed_share = min(SHARE_WHOLE, payment.disputed_share + max(share, 0))
+    reversed_now = _settle_reversals(account, payment, reference_id, settled)
+    return PaymentOutcome(payment, 0, reversed_now)

@@ -21,29 +21,36 @@ import uuid
 from dataclasses import dataclass
 
 from billing import recharge_policy
-from billing.accounts import get_account, lock_account
+from billing.accounts import get_account, locked_account
 from billing.checkout import activate_locally, complete_local_session
 from billing.config import get_settings
 from billing.errors import InvalidRequest, NotFound
 from billing.plans import PLANS
 from billing.stripe_gateway import SessionInfo
 from billing.subscriptions import SubscriptionState, apply_subscription_state
-from models import BillingAccount, CheckoutSession, locked, utcnow, write_transaction
+from models import (
+    BillingAccount,
+    CheckoutSession,
+    CheckoutStatus,
+    SubscriptionStatus,
+    locked,
+    utcnow,
+    write_transaction,
+)
 
 
 def activate_plan(organization_id: str, plan: str) -> None:
     """Subscribe to `plan`, or switch to it, with no checkout; a card is on file afterwards."""
     if plan not in PLANS:
         raise InvalidRequest(f"subscriptionPlan must be one of {', '.join(PLANS)}")
-    with write_transaction():
-        account = lock_account(organization_id)
+    with locked_account(organization_id) as account:
         activate_locally(
             account,
             plan,
             started_at=account.subscription_started_at or utcnow(),
             welcome_reference=f"local-plan:{organization_id}",
         )
-    recharge_policy.reconsider(organization_id)  # a card may be on file now
+        recharge_policy.request_if_due(account)  # a card is on file now
 
 
 # --- checkout and top-up pages --------------------------------------------------------------
@@ -67,25 +74,24 @@ def _lock_session(session_id: str) -> CheckoutSession:
 
 def pay(session_id: str) -> CheckoutSession:
     """Pay for the session shown, as Stripe's webhooks would complete it; paying twice (a
-    double click, a reload) completes it once. A canceled session cannot be paid."""
-    with write_transaction():
+    double click, a reload) completes it once. A canceled session cannot be paid. One unit of
+    work on the session's organization (its account locked first, then the session)."""
+    organization_id = open_session(session_id)[0].organization_id
+    with locked_account(organization_id) as account:
         session = _lock_session(session_id)
-        if session.status == "open":
-            completed = complete_local_session(session)
-        elif session.status != "completed":
+        if session.status == CheckoutStatus.open:
+            return complete_local_session(account, session)
+        if session.status != CheckoutStatus.completed:
             raise InvalidRequest(f"this checkout was {session.status}")
-        else:
-            return session
-    recharge_policy.reconsider(completed.organization_id)  # a card may be on file now
-    return completed
+        return session
 
 
 def cancel(session_id: str) -> CheckoutSession:
     """Leave the checkout without paying: the session can no longer be completed."""
     with write_transaction():
         session = _lock_session(session_id)
-        if session.status == "open":
-            session.status = "canceled"
+        if session.status == CheckoutStatus.open:
+            session.status = CheckoutStatus.canceled
             session.save(only=[CheckoutSession.status])
         return session
 
@@ -134,16 +140,18 @@ def read_portal_link(token: str) -> PortalLink:
 def cancel_subscription(organization_id: str) -> BillingAccount:
     """What the portal's cancel does on Stripe: the subscription ends now (as
     customer.subscription.deleted would record it); credits stay."""
-    with write_transaction():
-        account = lock_account(organization_id)
-        if account.stripe_subscription_id is None or account.subscription_status == "canceled":
+    with locked_account(organization_id) as account:
+        if (
+            account.stripe_subscription_id is None
+            or account.subscription_status == SubscriptionStatus.canceled
+        ):
             return account
         now = utcnow()
         apply_subscription_state(
-            organization_id,
+            account,
             SubscriptionState(
                 subscription_id=account.stripe_subscription_id,
-                status="canceled",
+                status=SubscriptionStatus.canceled,
                 plan=None,
                 started_at=account.subscription_started_at,
                 ends_at=now,
@@ -151,4 +159,4 @@ def cancel_subscription(organization_id: str) -> BillingAccount:
             ),
             max(int(now.timestamp()), account.subscription_state_at or 0),
         )
-        return lock_account(organization_id)
+        return account

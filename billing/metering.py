@@ -24,19 +24,18 @@ from typing import Any
 from peewee import EXCLUDED, Case
 
 from billing import ledger, metering_sql, recharge_policy
-from billing.accounts import lock_account
-from billing.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
+from billing.accounts import locked_accounts
+from billing.errors import Conflict, InvalidRequest, PaymentRequired
 from billing.metrics import LEDGER_ENTRIES
 from billing.units import USAGE_QUANTITY_MAX, USAGE_UNIT_COST_MAX
 from billing.usage import CATEGORIES, day_key
 from models import (
     BillingAccount,
     CreditEntry,
+    CreditEntryType,
     UsageDailyRollup,
     UsageRecord,
     is_postgres,
-    locked,
-    write_transaction,
 )
 
 MAX_METADATA_BYTES = 4096
@@ -190,24 +189,6 @@ def _same_values(record: Usage, event: UsageEvent) -> bool:
     )
 
 
-def _lock_accounts(organization_ids: set[str]) -> dict[str, BillingAccount]:
-    """Lock every account of the batch in organization-id order, in one statement."""
-    ordered = sorted(organization_ids)
-    if len(ordered) == 1:
-        return {ordered[0]: lock_account(ordered[0])}
-    accounts = {
-        account.organization_id: account
-        for account in locked(
-            BillingAccount.select()
-            .where(BillingAccount.organization.in_(ordered))
-            .order_by(BillingAccount.organization)
-        )
-    }
-    if len(accounts) != len(ordered):
-        raise NotFound("organization not found")
-    return accounts
-
-
 @functools.cache
 def _one_record_sql() -> str:
     """SELECT the record of one (organization, reference); those two parameters."""
@@ -256,8 +237,7 @@ def record_usage_batch(events: Sequence[UsageEvent], overdraft: int = 0) -> list
     if not events:
         return []
     outcomes: list[EventOutcome] = []
-    with write_transaction():
-        accounts = _lock_accounts({e.organization_id for e in events})
+    with locked_accounts({e.organization_id for e in events}) as accounts:
         known: dict[tuple[str, str], Usage] = dict(_recorded_before(events))
         now = max(ledger.account_now(account) for account in accounts.values())
         day = day_key(now)
@@ -291,11 +271,13 @@ def record_usage_batch(events: Sequence[UsageEvent], overdraft: int = 0) -> list
                     )
                 )
                 continue
-            balance_after = ledger.apply_to_account(account, "charge", -event.cost, now)
+            balance_after = ledger.apply_to_account(
+                account, CreditEntryType.charge, -event.cost, now
+            )
             entry_rows.append(
                 {
                     "organization": event.organization_id,
-                    "entry_type": "charge",
+                    "entry_type": CreditEntryType.charge,
                     "amount": -event.cost,
                     "reason": f"usage: {event.category}",
                     "reference_id": event.reference_id,
@@ -370,7 +352,7 @@ def _write(
     else:
         _write_each(entry_rows, new_records, day)
         _save_totals(touched)
-    LEDGER_ENTRIES.labels("charge").inc(len(entry_rows))
+    LEDGER_ENTRIES.labels(CreditEntryType.charge).inc(len(entry_rows))
     for account in touched:
         ledger.after_spending(account)
 

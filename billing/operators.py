@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from enum import StrEnum
 
 from billing import ledger
-from billing.accounts import lock_account
+from billing.accounts import locked_account
 from billing.audit import ledger_problems
 from billing.directory import clean_text
 from billing.errors import Conflict, InvalidRequest, NotFound
@@ -25,18 +24,12 @@ from models import (
     BillingAccount,
     CreditEntry,
     OperatorAction,
+    OperatorActionKind,
     Organization,
     utcnow,
-    write_transaction,
 )
 
 MAX_REASON = 500
-
-
-class ActionKind(StrEnum):
-    credit_adjustment = "credit_adjustment"
-    suspend = "suspend"
-    unsuspend = "unsuspend"
 
 
 @dataclass(frozen=True)
@@ -81,8 +74,11 @@ def adjust_credits(
     if not idempotency_key:
         raise InvalidRequest("an Idempotency-Key is required for a credit adjustment")
     ref = adjustment_ref(organization_id, idempotency_key)
-    with write_transaction():  # the entry and its action record commit together
-        result = ledger.adjust(organization_id, amount, reason, ref, overdraft)
+    # One unit of work: the entry and its action record commit together.
+    with locked_account(organization_id) as account:
+        result = ledger.adjust(
+            account, amount, reason=reason, idempotency_ref=ref, overdraft=overdraft
+        )
         entry = result.entry
         assert entry is not None
         if result.replayed:
@@ -91,7 +87,7 @@ def adjust_credits(
         else:
             OperatorAction.create(
                 organization=organization_id,
-                action=ActionKind.credit_adjustment,
+                action=OperatorActionKind.credit_adjustment,
                 reason=reason,
                 amount=amount,
                 credit_entry=entry,
@@ -101,20 +97,21 @@ def adjust_credits(
 
 def suspend(organization_id: str, reason: str) -> BillingAccount:
     """Stop spending (402) until an operator unsuspends; repeating keeps the first time."""
-    return _set_suspension(organization_id, ActionKind.suspend, reason)
+    return _set_suspension(organization_id, OperatorActionKind.suspend, reason)
 
 
 def unsuspend(organization_id: str, reason: str) -> BillingAccount:
     """Lift the operator's suspension; a no-op when there is none."""
-    return _set_suspension(organization_id, ActionKind.unsuspend, reason)
+    return _set_suspension(organization_id, OperatorActionKind.unsuspend, reason)
 
 
-def _set_suspension(organization_id: str, action: ActionKind, reason: str) -> BillingAccount:
+def _set_suspension(
+    organization_id: str, action: OperatorActionKind, reason: str
+) -> BillingAccount:
     """Suspend or unsuspend under the account lock; only a change is saved and recorded."""
     reason = _reason(reason)
-    suspending = action == ActionKind.suspend
-    with write_transaction():
-        account = lock_account(organization_id)
+    suspending = action == OperatorActionKind.suspend
+    with locked_account(organization_id) as account:
         if (account.suspended_at is None) == suspending:
             account.suspended_at = utcnow() if suspending else None
             account.suspension_reason = reason if suspending else None

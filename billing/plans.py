@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from billing.units import DOLLAR
+from models.kinds import SubscriptionStatus
 
 
 @dataclass(frozen=True)
@@ -20,21 +21,15 @@ PLANS: dict[str, Plan] = {
     "agency": Plan("agency", 45 * DOLLAR, 45 * DOLLAR),
 }
 
-SUBSCRIPTION_STATUSES = (
-    "active",
-    "inactive",
-    "trialing",
-    "past_due",
-    "canceled",
-    "paused",
-    "unpaid",
+SUBSCRIPTION_STATUSES = tuple(SubscriptionStatus)
+ACCESS_STATUSES = frozenset(
+    {SubscriptionStatus.active, SubscriptionStatus.trialing, SubscriptionStatus.past_due}
 )
-ACCESS_STATUSES = frozenset({"active", "trialing", "past_due"})
 
 
 # A subscription in these states still exists at Stripe and bills (or resumes billing): a
 # second one would charge twice. Only canceled (or never started) leaves room for a new one.
-LIVE_STATUSES = ACCESS_STATUSES | {"unpaid", "paused"}
+LIVE_STATUSES = ACCESS_STATUSES | {SubscriptionStatus.unpaid, SubscriptionStatus.paused}
 
 
 def is_subscribed(status: str) -> bool:

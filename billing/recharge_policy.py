@@ -15,7 +15,8 @@ Rules:
 The decision reads only the locked account row (`auto_recharge_in_flight_id`,
 `auto_recharge_last_requested_at`), never the outbox, so a debit costs the same whatever the
 organization's history. The worker clears the in-flight id in the same transaction that moves
-its request out of pending/processing.
+its request out of pending/processing. Every function here but `reconsider` takes the account
+its caller's unit of work locked.
 """
 
 from __future__ import annotations
@@ -23,32 +24,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from enum import StrEnum
 from typing import Any
 
-from billing.accounts import lock_account
+from billing.accounts import locked_account
 from billing.config import get_settings
-from models import AutoRechargeRequest, BillingAccount, utcnow, write_transaction
+from models import AttemptStatus, AutoRechargeRequest, BillingAccount, FailureKind, utcnow
 
 log = logging.getLogger("billing.recharge_policy")
-
-
-class AttemptStatus(StrEnum):
-    pending = "pending"
-    processing = "processing"
-    requires_action = "requires_action"
-    succeeded = "succeeded"
-    failed = "failed"
-    canceled = "canceled"
-    superseded = "superseded"
-
-
-class FailureKind(StrEnum):
-    """Why an attempt failed; only `declined` and `permanent` count toward turning off."""
-
-    declined = "declined"  # the card said no (also a failed 3-D Secure)
-    permanent = "permanent"  # Stripe refused the request: missing customer, card, bad params
-    transient = "transient"  # the provider stayed unavailable for every allowed attempt
 
 
 IN_FLIGHT = (AttemptStatus.pending, AttemptStatus.processing)
@@ -102,10 +84,9 @@ def request_if_due(account: BillingAccount, *, refused: bool = False) -> str | N
 
 
 def reconsider(organization_id: str, *, refused: bool = False) -> str | None:
-    """In a short transaction of its own: after a refusal (whose transaction rolled back) or
-    a new payment method."""
-    with write_transaction():
-        return request_if_due(lock_account(organization_id), refused=refused)
+    """In a short unit of work of its own: after a refusal, whose transaction rolled back."""
+    with locked_account(organization_id) as account:
+        return request_if_due(account, refused=refused)
 
 
 def after_refusal(organization_id: str) -> None:
@@ -116,36 +97,33 @@ def after_refusal(organization_id: str) -> None:
         log.exception("auto-recharge could not be requested after a refusal")
 
 
-def release_in_flight(organization_id: str, attempt_id: str) -> None:
+def release_in_flight(account: BillingAccount, attempt_id: str) -> None:
     """The attempt left pending/processing: the organization may get a new one (cooldown)."""
-    BillingAccount.update(auto_recharge_in_flight_id=None).where(
-        (BillingAccount.organization == organization_id)
-        & (BillingAccount.auto_recharge_in_flight_id == attempt_id)
-    ).execute()
+    if account.auto_recharge_in_flight_id == attempt_id:
+        account.auto_recharge_in_flight_id = None
+        account.save(only=[BillingAccount.auto_recharge_in_flight_id])
 
 
-def count_failure(organization_id: str) -> None:
+def count_failure(account: BillingAccount) -> None:
     """One more consecutive counted failure; at the limit, turn auto-recharge off."""
     limit = get_settings().auto_recharge_max_failures
-    with write_transaction():
-        account = lock_account(organization_id)
-        account.auto_recharge_failure_count += 1
-        fields: list[Any] = [BillingAccount.auto_recharge_failure_count]
-        if account.auto_recharge_failure_count >= limit and account.auto_recharge_enabled:
-            account.auto_recharge_enabled = False
-            account.auto_recharge_disabled_reason = (
-                f"turned off after {account.auto_recharge_failure_count} failed charges; "
-                "update the payment method"
-            )
-            fields += [
-                BillingAccount.auto_recharge_enabled,
-                BillingAccount.auto_recharge_disabled_reason,
-            ]
-        account.save(only=fields)
+    account.auto_recharge_failure_count += 1
+    fields: list[Any] = [BillingAccount.auto_recharge_failure_count]
+    if account.auto_recharge_failure_count >= limit and account.auto_recharge_enabled:
+        account.auto_recharge_enabled = False
+        account.auto_recharge_disabled_reason = (
+            f"turned off after {account.auto_recharge_failure_count} failed charges; "
+            "update the payment method"
+        )
+        fields += [
+            BillingAccount.auto_recharge_enabled,
+            BillingAccount.auto_recharge_disabled_reason,
+        ]
+    account.save(only=fields)
 
 
-def reset_failures(organization_id: str) -> None:
-    BillingAccount.update(auto_recharge_failure_count=0).where(
-        (BillingAccount.organization == organization_id)
-        & (BillingAccount.auto_recharge_failure_count != 0)
-    ).execute()
+def reset_failures(account: BillingAccount) -> None:
+    """A success: the count of consecutive failures starts again."""
+    if account.auto_recharge_failure_count != 0:
+        account.auto_recharge_failure_count = 0
+        account.save(only=[BillingAccount.auto_recharge_failure_count])

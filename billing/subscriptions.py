@@ -1,6 +1,7 @@
 """Subscription state, welcome credit and payment-failure state of an organization.
 
-Called by the webhook processor and by local completion alike, so both paths apply the same
+Called by the webhook processor and by local completion alike, on the account their unit of
+work locked (none of these opens a transaction or takes the lock), so both paths apply the same
 rules: state is kept per subscription and per invoice and only moves forward in event order
 (`created`, then the object's lifecycle, then event id); the organization shows its current
 subscription; the grace period runs while a failed invoice is unresolved; and the welcome
@@ -15,25 +16,29 @@ from enum import StrEnum
 from typing import Any
 
 from billing import ledger
-from billing.accounts import lock_account
 from billing.config import get_settings
 from billing.plans import PLANS, SUBSCRIPTION_STATUSES, is_subscribed
 from models import (
     BillingAccount,
+    CreditEntryType,
+    InvoiceStatus,
     StripeInvoice,
     StripeSubscription,
+    SubscriptionStatus,
     utcnow,
-    write_transaction,
 )
 
 # Stripe statuses that are not ours map onto the nearest one of ours.
-_STATUS_MAP = {"incomplete": "inactive", "incomplete_expired": "canceled"}
+_STATUS_MAP = {
+    "incomplete": SubscriptionStatus.inactive,
+    "incomplete_expired": SubscriptionStatus.canceled,
+}
 
 
 @dataclass(frozen=True)
 class SubscriptionState:
     subscription_id: str
-    status: str
+    status: SubscriptionStatus
     plan: str | None
     started_at: dt.datetime | None
     ends_at: dt.datetime | None
@@ -41,9 +46,13 @@ class SubscriptionState:
     payment_method_id: str | None = None
 
 
-def normalize_status(stripe_status: str) -> str:
+def normalize_status(stripe_status: str) -> SubscriptionStatus:
     status = _STATUS_MAP.get(stripe_status, stripe_status)
-    return status if status in SUBSCRIPTION_STATUSES else "inactive"
+    return (
+        SubscriptionStatus(status)
+        if status in SUBSCRIPTION_STATUSES
+        else SubscriptionStatus.inactive
+    )
 
 
 class SubscriptionChange(StrEnum):
@@ -130,7 +139,7 @@ def _show(account: BillingAccount, row: StripeSubscription) -> None:
 
 
 def record_subscription_event(
-    organization_id: str,
+    account: BillingAccount,
     state: SubscriptionState,
     order: EventOrder,
     *,
@@ -141,77 +150,68 @@ def record_subscription_event(
     An older event than the one applied to this subscription changes nothing; an event for
     a subscription that is not (and does not become) the current one changes only its row.
     """
-    with write_transaction():
-        account = lock_account(organization_id)
-        _adopt_legacy(account)
-        row = StripeSubscription.get_or_none(StripeSubscription.id == state.subscription_id)
-        if row is not None and row.organization_id != organization_id:
-            return SubscriptionChange.foreign
-        if row is not None and order.key() < (row.event_created, row.event_rank, row.event_id):
-            return SubscriptionChange.stale
-        if row is None:
-            row = StripeSubscription(
-                id=state.subscription_id,
-                organization=organization_id,
-                subscription_created=subscription_created or order.created,
-            )
-            force_insert = True
-        else:
-            force_insert = False
-        row.status = state.status
-        row.plan = state.plan or row.plan
-        row.started_at = state.started_at or row.started_at
-        row.ends_at = state.ends_at
-        row.current_period_end = state.current_period_end
-        row.payment_method_id = state.payment_method_id or row.payment_method_id
-        row.event_created, row.event_rank, row.event_id = order.key()
-        row.save(force_insert=force_insert)
-        current = current_subscription(organization_id)
-        assert current is not None  # this subscription's row, at least
-        _show(account, current)
-        _set_grace_period(account, get_settings().payment_grace_period_days)
-        if current.id == state.subscription_id:
-            return SubscriptionChange.applied
-        return SubscriptionChange.recorded
+    organization_id = account.organization_id
+    _adopt_legacy(account)
+    row = StripeSubscription.get_or_none(StripeSubscription.id == state.subscription_id)
+    if row is not None and row.organization_id != organization_id:
+        return SubscriptionChange.foreign
+    if row is not None and order.key() < (row.event_created, row.event_rank, row.event_id):
+        return SubscriptionChange.stale
+    if row is None:
+        row = StripeSubscription(
+            id=state.subscription_id,
+            organization=organization_id,
+            subscription_created=subscription_created or order.created,
+        )
+        force_insert = True
+    else:
+        force_insert = False
+    row.status = state.status
+    row.plan = state.plan or row.plan
+    row.started_at = state.started_at or row.started_at
+    row.ends_at = state.ends_at
+    row.current_period_end = state.current_period_end
+    row.payment_method_id = state.payment_method_id or row.payment_method_id
+    row.event_created, row.event_rank, row.event_id = order.key()
+    row.save(force_insert=force_insert)
+    current = current_subscription(organization_id)
+    assert current is not None  # this subscription's row, at least
+    _show(account, current)
+    _set_grace_period(account, get_settings().payment_grace_period_days)
+    if current.id == state.subscription_id:
+        return SubscriptionChange.applied
+    return SubscriptionChange.recorded
 
 
 def apply_subscription_state(
-    organization_id: str, state: SubscriptionState, event_created: int
+    account: BillingAccount, state: SubscriptionState, event_created: int
 ) -> bool:
     """Local completion: record the state as of `event_created` (later calls win ties)."""
     order = EventOrder(event_created, lifecycle_rank(state.status), "~local")
-    change = record_subscription_event(organization_id, state, order)
+    change = record_subscription_event(account, state, order)
     return change == SubscriptionChange.applied
 
 
-def grant_welcome_credit(organization_id: str, plan: str | None, reference_id: str) -> bool:
+def grant_welcome_credit(account: BillingAccount, plan: str | None, reference_id: str) -> bool:
     """The plan's one-time welcome credit, on the first paid invoice; once per organization."""
-    with write_transaction():
-        account = lock_account(organization_id)
-        plan = plan or account.subscription_plan
-        if account.welcome_credit_granted_at is not None or plan not in PLANS:
-            return False
-        ledger.grant(
-            organization_id,
-            PLANS[plan].welcome_credit,
-            "welcome_grant",
-            f"welcome credit for the {plan} plan",
-            reference_id,
-            f"welcome:{organization_id}",
-        )
-        account = lock_account(organization_id)  # reload: the grant moved the balance
-        account.welcome_credit_granted_at = utcnow()
-        account.save(only=[BillingAccount.welcome_credit_granted_at])
-        return True
-
-
-class InvoiceStatus(StrEnum):
-    paid = "paid"
-    failed = "failed"
+    plan = plan or account.subscription_plan
+    if account.welcome_credit_granted_at is not None or plan not in PLANS:
+        return False
+    ledger.grant(
+        account,
+        PLANS[plan].welcome_credit,
+        CreditEntryType.welcome_grant,
+        reason=f"welcome credit for the {plan} plan",
+        reference_id=reference_id,
+        idempotency_ref=f"welcome:{account.organization_id}",
+    )
+    account.welcome_credit_granted_at = utcnow()
+    account.save(only=[BillingAccount.welcome_credit_granted_at])
+    return True
 
 
 def record_invoice(
-    organization_id: str,
+    account: BillingAccount,
     *,
     invoice_id: str,
     subscription_id: str | None,
@@ -228,38 +228,37 @@ def record_invoice(
     the grace period runs exactly while some failure is unresolved. A $0 invoice or an older
     one proves nothing about the card, so it resolves no other invoice's failure.
     """
-    with write_transaction():
-        account = lock_account(organization_id)
-        row = StripeInvoice.get_or_none(StripeInvoice.id == invoice_id)
-        if row is not None and row.organization_id != organization_id:
-            return "invoice of another organization: ignored"
-        if row is None:
-            row = StripeInvoice.create(
-                id=invoice_id,
-                organization=organization_id,
-                subscription_id=subscription_id,
-                status=status.value,
-                amount_paid=amount_paid,
-                invoice_created=invoice_created,
-                event_created=event_created,
-            )
-            outcome = f"invoice {status.value}"
-        elif row.status == InvoiceStatus.paid:
-            outcome = (
-                "invoice already paid"
-                if status == InvoiceStatus.paid
-                else "late failure of a paid invoice: ignored"
-            )
-        elif status == InvoiceStatus.paid:
-            row.status, row.amount_paid = status.value, amount_paid
-            row.event_created = max(row.event_created, event_created)
-            row.save()
-            outcome = "invoice paid"
-        else:
-            outcome = "invoice failed again"
-        _resolve_failures(row)
-        _set_grace_period(account, grace_days)
-        return outcome
+    organization_id = account.organization_id
+    row = StripeInvoice.get_or_none(StripeInvoice.id == invoice_id)
+    if row is not None and row.organization_id != organization_id:
+        return "invoice of another organization: ignored"
+    if row is None:
+        row = StripeInvoice.create(
+            id=invoice_id,
+            organization=organization_id,
+            subscription_id=subscription_id,
+            status=status.value,
+            amount_paid=amount_paid,
+            invoice_created=invoice_created,
+            event_created=event_created,
+        )
+        outcome = f"invoice {status.value}"
+    elif row.status == InvoiceStatus.paid:
+        outcome = (
+            "invoice already paid"
+            if status == InvoiceStatus.paid
+            else "late failure of a paid invoice: ignored"
+        )
+    elif status == InvoiceStatus.paid:
+        row.status, row.amount_paid = status.value, amount_paid
+        row.event_created = max(row.event_created, event_created)
+        row.save()
+        outcome = "invoice paid"
+    else:
+        outcome = "invoice failed again"
+    _resolve_failures(row)
+    _set_grace_period(account, grace_days)
+    return outcome
 
 
 def _at_least_as_new(row: StripeInvoice) -> Any:
@@ -301,7 +300,7 @@ def _set_grace_period(account: BillingAccount, days: int) -> None:
     The account's `stripe_subscription_id` must already be the current one."""
     replaced = StripeSubscription.select(StripeSubscription.id).where(
         (StripeSubscription.organization == account.organization_id)
-        & (StripeSubscription.status == "canceled")
+        & (StripeSubscription.status == SubscriptionStatus.canceled)
         & (StripeSubscription.id != (account.stripe_subscription_id or ""))
     )
     unresolved = (

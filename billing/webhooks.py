@@ -4,13 +4,15 @@
 2. The event is parsed into a typed model (`billing.stripe_events`); one that cannot be
    understood is a 400 and stores nothing (why: that module's docstring).
 3. The event is inserted by id; a duplicate insert is ignored.
-4. In one write transaction the event row is locked, and unless already processed its effects
-   are applied and `processed_at` is set. Effects and the mark commit together, so concurrent
-   or repeated deliveries apply once.
+4. In one write transaction (the event's unit of work) the event row is locked, and unless
+   already processed the organization's account is locked once, the event's effects are
+   applied on it and `processed_at` is set. Effects and the mark commit together, so
+   concurrent or repeated deliveries apply once.
 
-Effects live in the domain, each under the account lock: payments and their reversals in the
-ledger (`credit_payment`, `reverse_payment`), disputes in `billing.disputes`, subscription and
-invoice state in `billing.subscriptions`. State is kept per Stripe object and ordered by event,
+Effects live in the domain, each taking the account this unit of work locked: payments and
+their reversals in the ledger (`credit_payment`, `reverse_payment`), disputes in
+`billing.disputes`, subscription and invoice state in `billing.subscriptions`, auto-recharge
+outcomes in `billing.auto_recharge`. State is kept per Stripe object and ordered by event,
 so late, repeated, concurrent and reordered events end in the same state.
 
 Currency: a top-up is credited for what was ordered (the amount stored with the session, or our
@@ -30,6 +32,7 @@ from typing import Any
 from peewee import IntegrityError
 
 from billing import auto_recharge, disputes, ledger, recharge_policy
+from billing.accounts import lock_account
 from billing.config import get_settings
 from billing.errors import Conflict, InvalidRequest
 from billing.metrics import WEBHOOK_EVENTS
@@ -50,7 +53,6 @@ from billing.stripe_events import (
 from billing.stripe_gateway import BillingGateway
 from billing.subscriptions import (
     EventOrder,
-    InvoiceStatus,
     SubscriptionChange,
     SubscriptionState,
     grant_welcome_credit,
@@ -63,6 +65,8 @@ from billing.units import CENT, from_stripe_cents
 from models import (
     BillingAccount,
     CreditEntry,
+    InvoiceStatus,
+    PaymentKind,
     StripePayment,
     WebhookEvent,
     database,
@@ -169,7 +173,7 @@ def _ts(value: int | None) -> dt.datetime | None:
 # --- subscriptions and invoices ---------------------------------------------------------
 
 
-def _subscription_changed(event: Event, sub: Subscription, org: str) -> str:
+def _subscription_changed(event: Event, sub: Subscription, account: BillingAccount) -> str:
     items = sub.items.data if sub.items else []
     first_item = items[0] if items else None
     plan = _plan_from_price(first_item.price if first_item else None) or sub.metadata.get("plan")
@@ -186,10 +190,10 @@ def _subscription_changed(event: Event, sub: Subscription, org: str) -> str:
     )
     order = EventOrder(event.created, lifecycle_rank(stripe_status), event.id)
     change = record_subscription_event(
-        org, state, order, subscription_created=sub.created or sub.start_date
+        account, state, order, subscription_created=sub.created or sub.start_date
     )
     if change == SubscriptionChange.applied and state.payment_method_id:
-        recharge_policy.reconsider(org)  # a card may be on file now: a recharge may be due
+        recharge_policy.request_if_due(account)  # a card may be on file now
     return {
         SubscriptionChange.applied: f"subscription {state.status}",
         SubscriptionChange.recorded: f"subscription {sub.id} is not current: recorded",
@@ -198,9 +202,9 @@ def _subscription_changed(event: Event, sub: Subscription, org: str) -> str:
     }[change]
 
 
-def _invoice(event: Event, invoice: Invoice, org: str, status: InvoiceStatus) -> str:
+def _invoice(event: Event, invoice: Invoice, account: BillingAccount, status: InvoiceStatus) -> str:
     return record_invoice(
-        org,
+        account,
         invoice_id=invoice.id,
         subscription_id=invoice.subscription_id,
         status=status,
@@ -211,19 +215,19 @@ def _invoice(event: Event, invoice: Invoice, org: str, status: InvoiceStatus) ->
     )
 
 
-def _invoice_paid(event: Event, invoice: Invoice, org: str) -> str:
-    outcome = _invoice(event, invoice, org, InvoiceStatus.paid)
+def _invoice_paid(event: Event, invoice: Invoice, account: BillingAccount) -> str:
+    outcome = _invoice(event, invoice, account, InvoiceStatus.paid)
     if invoice.amount_paid <= 0:
         return f"{outcome} (nothing charged)"
     plan = None
     for line in invoice.lines.data if invoice.lines else []:
         plan = _plan_from_price(line.price) or plan
-    granted = grant_welcome_credit(org, plan, invoice.payment_intent or invoice.id)
+    granted = grant_welcome_credit(account, plan, invoice.payment_intent or invoice.id)
     return f"{outcome}; welcome credit granted" if granted else outcome
 
 
-def _invoice_failed(event: Event, invoice: Invoice, org: str) -> str:
-    return _invoice(event, invoice, org, InvoiceStatus.failed)
+def _invoice_failed(event: Event, invoice: Invoice, account: BillingAccount) -> str:
+    return _invoice(event, invoice, account, InvoiceStatus.failed)
 
 
 # --- top-ups and auto-recharge ------------------------------------------------------------
@@ -265,12 +269,17 @@ def _mismatch(ordered: int | None, settled_cents: int | None, currency: str | No
 
 
 def _credit_top_up(
-    org: str, payment_id: str, *, ordered: int | None, flag: str | None, **charged: Any
+    account: BillingAccount,
+    payment_id: str,
+    *,
+    ordered: int | None,
+    flag: str | None,
+    **charged: Any,
 ) -> str:
     result = ledger.credit_payment(
-        org,
+        account,
         payment_id,
-        kind=ledger.PaymentKind.top_up,
+        kind=PaymentKind.top_up,
         ordered=ordered,
         grant_amount=None if flag else ordered,
         flagged_reason=flag,
@@ -282,14 +291,14 @@ def _credit_top_up(
     return "top-up granted" if result.granted_now else "top-up already granted"
 
 
-def _checkout_completed(event: Event, session: CheckoutSession, org: str) -> str:
+def _checkout_completed(event: Event, session: CheckoutSession, account: BillingAccount) -> str:
     if session.payment_status != "paid":
         return f"checkout not paid ({session.payment_status}): no credit"
     if session.mode != "payment":
         return "subscription checkout completed"
-    ordered = _ordered(session.id, org, session.metadata)
+    ordered = _ordered(session.id, account.organization_id, session.metadata)
     return _credit_top_up(
-        org,
+        account,
         session.payment_intent or session.id,
         ordered=ordered,
         flag=_mismatch(ordered, _settled_cents(session), session.currency),
@@ -298,34 +307,34 @@ def _checkout_completed(event: Event, session: CheckoutSession, org: str) -> str
     )
 
 
-def _payment_succeeded(event: Event, intent: PaymentIntent, org: str) -> str:
+def _payment_succeeded(event: Event, intent: PaymentIntent, account: BillingAccount) -> str:
     kind = intent.metadata.get("kind")
     cents = intent.amount_received or intent.amount or 0
     if intent.payment_method:
-        auto_recharge.remember_payment_method(org, intent.payment_method)
+        auto_recharge.remember_payment_method(account, intent.payment_method)
     if intent.currency not in (None, SETTLEMENT_CURRENCY):
-        if kind == "auto_recharge":
+        if kind == PaymentKind.auto_recharge:
             log.warning("auto-recharge %s settled in %s: not credited", intent.id, intent.currency)
             return f"auto-recharge flagged, not credited: settled in {intent.currency}"
-        if kind == "top_up":
+        if kind == PaymentKind.top_up:
             # Adaptive Pricing: only the Checkout Session carries the USD amount; it decides.
             ledger.credit_payment(
-                org,
+                account,
                 intent.id,
-                kind=ledger.PaymentKind.top_up,
-                ordered=_ordered(None, org, intent.metadata),
+                kind=PaymentKind.top_up,
+                ordered=_ordered(None, account.organization_id, intent.metadata),
                 charged_currency=intent.currency,
                 charged_amount=cents,
                 charge_id=intent.latest_charge,
             )
             return f"top-up paid in {intent.currency}: the checkout session decides the credit"
-    if kind == "top_up" and cents > 0:
-        ordered = _ordered(None, org, intent.metadata)
+    if kind == PaymentKind.top_up and cents > 0:
+        ordered = _ordered(None, account.organization_id, intent.metadata)
         if ordered is None:  # the checkout session names the order; it grants
             ledger.credit_payment(
-                org,
+                account,
                 intent.id,
-                kind=ledger.PaymentKind.top_up,
+                kind=PaymentKind.top_up,
                 ordered=None,
                 charged_currency=intent.currency,
                 charged_amount=cents,
@@ -333,7 +342,7 @@ def _payment_succeeded(event: Event, intent: PaymentIntent, org: str) -> str:
             )
             return "top-up payment recorded: the checkout session grants it"
         return _credit_top_up(
-            org,
+            account,
             intent.id,
             ordered=ordered,
             flag=_mismatch(ordered, cents, intent.currency),
@@ -341,37 +350,37 @@ def _payment_succeeded(event: Event, intent: PaymentIntent, org: str) -> str:
             charged_amount=cents,
             charge_id=intent.latest_charge,
         )
-    if kind == "auto_recharge":
+    if kind == PaymentKind.auto_recharge:
         return auto_recharge.payment_succeeded(
-            org, intent.id, from_stripe_cents(cents), intent.metadata.get("attempt_id")
+            account, intent.id, from_stripe_cents(cents), intent.metadata.get("attempt_id")
         )
     return "payment recorded"
 
 
-def _payment_failed(event: Event, intent: PaymentIntent, org: str) -> str:
-    if intent.metadata.get("kind") != "auto_recharge":
+def _payment_failed(event: Event, intent: PaymentIntent, account: BillingAccount) -> str:
+    if intent.metadata.get("kind") != PaymentKind.auto_recharge:
         return "payment failure recorded"
     error = intent.last_payment_error
     return auto_recharge.payment_failed(
-        org,
+        account,
         intent.id,
         (error.code if error else None) or "failed",
         attempt_id=intent.metadata.get("attempt_id"),
     )
 
 
-def _payment_requires_action(event: Event, intent: PaymentIntent, org: str) -> str:
-    if intent.metadata.get("kind") != "auto_recharge":
+def _payment_requires_action(event: Event, intent: PaymentIntent, account: BillingAccount) -> str:
+    if intent.metadata.get("kind") != PaymentKind.auto_recharge:
         return "ignored"
     return auto_recharge.payment_requires_action(
-        org, intent.id, intent.client_secret, attempt_id=intent.metadata.get("attempt_id")
+        account, intent.id, intent.client_secret, attempt_id=intent.metadata.get("attempt_id")
     )
 
 
 # --- refunds and disputes -----------------------------------------------------------------
 
 
-def _charge_refunded(event: Event, charge: Charge, org: str) -> str:
+def _charge_refunded(event: Event, charge: Charge, account: BillingAccount) -> str:
     payment = _payment_for(charge.payment_intent, charge.id)
     payment_id = payment.id if payment is not None else charge.payment_intent
     if payment_id is None:
@@ -379,7 +388,7 @@ def _charge_refunded(event: Event, charge: Charge, org: str) -> str:
     # amount_refunded is cumulative: the refunded share of the charge, in its own currency,
     # is the share of what the payment granted that is taken back (never more in total).
     result = ledger.reverse_payment(
-        org,
+        account,
         payment_id,
         kind=ledger.ReversalKind.refund,
         share=ledger.share_of(charge.amount_refunded, charge.amount),
@@ -402,15 +411,15 @@ def _dispute_report(dispute: Dispute) -> disputes.DisputeReport:
     )
 
 
-def _dispute_created(event: Event, dispute: Dispute, org: str) -> str:
-    return disputes.opened(org, _dispute_report(dispute))
+def _dispute_created(event: Event, dispute: Dispute, account: BillingAccount) -> str:
+    return disputes.opened(account, _dispute_report(dispute))
 
 
-def _dispute_closed(event: Event, dispute: Dispute, org: str) -> str:
-    return disputes.closed(org, _dispute_report(dispute))
+def _dispute_closed(event: Event, dispute: Dispute, account: BillingAccount) -> str:
+    return disputes.closed(account, _dispute_report(dispute))
 
 
-Handler = Callable[[Event, Any, str], str]
+Handler = Callable[[Event, Any, BillingAccount], str]
 
 HANDLERS: dict[str, Handler] = {
     "checkout.session.completed": _checkout_completed,
@@ -437,9 +446,10 @@ def _dispatch(event: Event) -> tuple[str | None, str]:
     org = _organization_of(obj)
     if org is None:
         return None, "ignored"
+    account = lock_account(org)  # the event's one account lock
     try:
         with database.atomic():  # a savepoint: a refused event leaves no partial effect
-            return org, handler(event, obj, org)
+            return org, handler(event, obj, account)
     except Conflict as exc:
         # An object of ours already tied to another organization: Stripe cannot fix that by
         # retrying, so it is recorded and acknowledged, and the log says why.

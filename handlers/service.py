@@ -51,7 +51,12 @@ def create_reservation(organization_id: str, body: dict[str, Any]) -> dict[str, 
         idempotency_key(),
         body,
         lambda: shapes.reservation(
-            ledger.reserve(org, body["amountDecimillicents"], body["referenceId"], _overdraft())
+            ledger.reserve(
+                org,
+                body["amountDecimillicents"],
+                reference_id=body["referenceId"],
+                overdraft=_overdraft(),
+            )
         ),
     )
 
@@ -67,7 +72,9 @@ def finalize_reservation(
         idempotency_key(),
         body,
         lambda: shapes.reservation(
-            ledger.finalize_reservation(org, rid, body["actualAmountDecimillicents"], _overdraft())
+            ledger.finalize_reservation(
+                org, rid, body["actualAmountDecimillicents"], overdraft=_overdraft()
+            )
         ),
     )
 

@@ -2,10 +2,11 @@
 
 Every model binds to `database`, a proxy initialised once per process by `connect_database`.
 Gunicorn workers each get their own pool (the proxy is initialised after fork in the app factory).
-Writes that touch an organization's money go through `write_transaction`: on PostgreSQL the
-caller then locks the account row (SELECT ... FOR UPDATE); on SQLite the transaction starts
-with BEGIN IMMEDIATE, which takes the database's single writer lock up front, so concurrent
-writers queue instead of failing or losing updates.
+Writes that touch an organization's money go through `write_transaction`, opened once per use
+case by its unit of work (`billing.accounts.locked_account`), which then locks the account row
+(SELECT ... FOR UPDATE on PostgreSQL); on SQLite the transaction starts with BEGIN IMMEDIATE,
+which takes the database's single writer lock up front, so concurrent writers queue instead of
+failing or losing updates.
 """
 
 from __future__ import annotations

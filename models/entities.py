@@ -12,6 +12,7 @@ import peewee
 
 from models.clock import utcnow
 from models.db import database
+from models.kinds import AttemptStatus, CheckoutStatus, ReservationStatus, SubscriptionStatus
 
 
 class BaseModel(peewee.Model):
@@ -60,7 +61,7 @@ class BillingAccount(BaseModel):
     auto_recharge_threshold = peewee.BigIntegerField(null=True)
     auto_recharge_amount = peewee.BigIntegerField(null=True)
     usage_cap = peewee.BigIntegerField(null=True)
-    subscription_status = peewee.CharField(max_length=16, default="inactive")
+    subscription_status = peewee.CharField(max_length=16, default=SubscriptionStatus.inactive)
     subscription_plan = peewee.CharField(max_length=16, null=True)
     subscription_started_at = peewee.DateTimeField(null=True)
     subscription_ends_at = peewee.DateTimeField(null=True)
@@ -146,7 +147,7 @@ class Reservation(BaseModel):
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
     organization_id: str  # the raw foreign key, readable without a query
     amount = peewee.BigIntegerField()
-    status = peewee.CharField(max_length=16, default="open")
+    status = peewee.CharField(max_length=16, default=ReservationStatus.open)
     reference_id = peewee.CharField(max_length=255)
     final_amount = peewee.BigIntegerField(null=True)
     credit_entry = peewee.ForeignKeyField(CreditEntry, null=True, column_name="credit_entry_id")
@@ -163,7 +164,7 @@ class AutoRechargeRequest(BaseModel):
     id = peewee.CharField(primary_key=True, max_length=36)
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
     organization_id: str  # the raw foreign key, readable without a query
-    status = peewee.CharField(max_length=16, default="pending")
+    status = peewee.CharField(max_length=16, default=AttemptStatus.pending)
     amount = peewee.BigIntegerField()
     failure_reason = peewee.CharField(max_length=500, null=True)
     stripe_payment_intent_id = peewee.CharField(max_length=255, null=True)
@@ -205,7 +206,7 @@ class CheckoutSession(BaseModel):
     plan = peewee.CharField(max_length=16, null=True)
     amount = peewee.BigIntegerField(null=True)
     url = peewee.CharField(max_length=2048)
-    status = peewee.CharField(max_length=16, default="open")
+    status = peewee.CharField(max_length=16, default=CheckoutStatus.open)
     created_at = peewee.DateTimeField(default=utcnow)
     completed_at = peewee.DateTimeField(null=True)
     success_url = peewee.CharField(max_length=2048, null=True)
@@ -265,6 +266,8 @@ class UsageDailyRollup(BaseModel):
     class Meta:
         table_name = "usage_daily_rollups"
         indexes = ((("organization", "category", "day"), True),)
+
+
 class StripePayment(BaseModel):
     """One Stripe payment (keyed by PaymentIntent id): what was ordered and charged, what it
     granted, and what refunds and lost disputes took back. Shares are billionths of the payment;

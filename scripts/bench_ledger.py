@@ -3,8 +3,9 @@
     python -m scripts.bench_ledger [--debits 2000] [--threads 8] [--only floor,cap,batch]
 
 Three parts, each printing ratios against a baseline measured in the same run:
-- floor: `ledger.debit` on one hot organization and across 100, beside the same debit as raw SQL
-  (one conditional UPDATE ... RETURNING plus the entry INSERT, one commit), same threads;
+- floor: a debit (`locked_account`, `ledger.debit`) on one hot organization and across 100,
+  beside the same debit as raw SQL (one conditional UPDATE ... RETURNING plus the entry
+  INSERT, one commit), same threads;
 - cap: single debits per second with a usage cap set, at 0, 100,000 and 1,000,000 charges in
   the organization's month (history written with bulk SQL); the rate should stay flat;
 - batch (PostgreSQL): `POST /v1/service/usage/batch` end to end over HTTP (gunicorn, batches of
@@ -39,8 +40,16 @@ import psycopg2.extras
 from playhouse.pool import PooledDatabase
 
 from billing import ledger
+from billing.accounts import locked_account
 from billing.organizations import create_organization
-from models import BillingAccount, connect_database, connection, database, utcnow
+from models import (
+    BillingAccount,
+    CreditEntryType,
+    connect_database,
+    connection,
+    database,
+    utcnow,
+)
 from models.migrate import migrate
 from scripts.local_server import LocalServer, postgres_database
 
@@ -58,8 +67,15 @@ def _prepare(url: str, orgs: int) -> list[str]:
     with db.connection_context():
         ids = [create_organization(f"bench-{i}").id for i in range(orgs)]
         for org_id in ids:
-            ledger.grant(org_id, CREDIT, "top_up", "bench seed")
+            with locked_account(org_id) as account:
+                ledger.grant(account, CREDIT, CreditEntryType.top_up, reason="bench seed")
     return ids
+
+
+def _debit(org_id: str) -> None:
+    """One debit as a use case makes it: its unit of work, then the ledger's rule."""
+    with locked_account(org_id) as account:
+        ledger.debit(account, 1)
 
 
 def _threads(work: Callable[[int], None], threads: int, count: int) -> float:
@@ -145,7 +161,7 @@ def bench_floor(targets: list[tuple[str, str]], debits: int, threads: int) -> No
 
             def ours(i: int, ids: list[str] = ids) -> None:
                 with connection():  # the app's per-request connection (kept open on SQLite)
-                    ledger.debit(ids[i % len(ids)], 1)
+                    _debit(ids[i % len(ids)])
 
             ours_rate = _threads(ours, threads, debits)
             print(
@@ -196,7 +212,7 @@ def bench_cap(targets: list[tuple[str, str]], debits: int) -> None:
 
             def one(_i: int, org_id: str = org_id) -> None:
                 with connection():
-                    ledger.debit(org_id, 1)
+                    _debit(org_id)
 
             rate = _threads(one, 1, debits)
             first = first or rate

@@ -27,6 +27,7 @@ BIN = Path(sys.executable).parent
 
 _SEED = """
 from billing import ledger
+from billing.accounts import locked_account
 from billing.auth import mint_user_token
 from billing.config import get_settings
 from billing.organizations import add_member, create_organization
@@ -36,7 +37,8 @@ s = get_settings(); db = connect_database(s.database_url); migrate(db)
 with db.connection_context():
     org = create_organization('Local server')
     add_member(org.id, 'local-owner', 'owner', 'owner@example.com')
-    ledger.grant(org.id, {credit}, 'adjustment', 'seed')
+    with locked_account(org.id) as account:
+        ledger.grant(account, {credit}, 'adjustment', reason='seed')
 print(org.id, mint_user_token('local-owner', s, None, 7200))
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from billing import ledger
+from billing.accounts import locked_account
 from billing.audit import ledger_problems
 from models import BillingAccount, CreditEntry
 
@@ -12,14 +13,17 @@ pytestmark = pytest.mark.usefixtures("conn")
 
 
 def test_sound_ledger_has_no_problems(org):
-    ledger.grant(org.id, 100, "adjustment")
-    ledger.reserve(org.id, 30, "hold")
+    with locked_account(org.id) as account:
+        ledger.grant(account, 100, "adjustment")
+    ledger.reserve(org.id, 30, reference_id="hold")
     assert ledger_problems(org.id) == []
 
 
 def test_tampering_is_detected(org):
-    ledger.grant(org.id, 100, "adjustment")
-    ledger.debit(org.id, 40)
+    with locked_account(org.id) as account:
+        ledger.grant(account, 100, "adjustment")
+    with locked_account(org.id) as account:
+        ledger.debit(account, 40)
     CreditEntry.update(amount=-10).where(CreditEntry.amount == -40).execute()
     problems = ledger_problems(org.id)
     assert any("balance_after" in p for p in problems)

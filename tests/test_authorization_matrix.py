@@ -138,8 +138,8 @@ def test_authorization_matrix(client, org, method, path, op, caller):
     else:
         assert response.status_code == int(want), response.text
         problem = response.json()
-        assert problem["code"] == {"401": "Unauthorized", "403": "Forbidden", "404": "NotFound"}[
-            want
-        ]
+        assert (
+            problem["code"] == {"401": "Unauthorized", "403": "Forbidden", "404": "NotFound"}[want]
+        )
         if want == "404":
             assert problem["detail"] == ORGANIZATION_NOT_FOUND

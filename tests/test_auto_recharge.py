@@ -8,6 +8,7 @@ import pytest
 import stripe
 
 from billing import accounts, ledger
+from billing.accounts import locked_account
 from billing.auto_recharge import drain
 from billing.config import get_settings
 from billing.stripe_gateway import get_gateway
@@ -38,7 +39,8 @@ def saved_card(backend: str, org_id: str, card: str) -> tuple[str, str]:
 
 def arm(org_id: str) -> None:
     """Credits, auto-recharge settings, and a debit that crosses the threshold."""
-    ledger.grant(org_id, 10 * DOLLAR, "top_up", "seed")
+    with locked_account(org_id) as account:
+        ledger.grant(account, 10 * DOLLAR, "top_up", reason="seed")
     accounts.update_settings(
         org_id,
         {
@@ -47,7 +49,8 @@ def arm(org_id: str) -> None:
             "auto_recharge_amount": 20 * DOLLAR,
         },
     )
-    ledger.debit(org_id, 6 * DOLLAR)
+    with locked_account(org_id) as account:
+        ledger.debit(account, 6 * DOLLAR)
 
 
 def rearm(org_id: str) -> None:
@@ -58,7 +61,8 @@ def rearm(org_id: str) -> None:
     BillingAccount.update(auto_recharge_last_requested_at=utcnow() - dt.timedelta(hours=1)).where(
         BillingAccount.organization == org_id
     ).execute()
-    ledger.debit(org_id, 1)
+    with locked_account(org_id) as account:
+        ledger.debit(account, 1)
 
 
 def report_intent(client, org_id, attempt, event_type, **fields):
@@ -131,7 +135,8 @@ def test_cooldown_prevents_a_second_request(org, conn_stripe):
     saved_card(conn_stripe.backend, org.id, "declined")
     arm(org.id)
     drain(get_gateway(), get_settings())
-    ledger.debit(org.id, 1)  # still below threshold, but within the cooldown
+    with locked_account(org.id) as account:
+        ledger.debit(account, 1)  # still below threshold, but within the cooldown
     assert AutoRechargeRequest.select().count() == 1
 
 

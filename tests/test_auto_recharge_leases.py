@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl
 import pytest
 
 from billing import accounts, ledger
+from billing.accounts import locked_account
 from billing.auto_recharge import drain
 from billing.config import get_settings
 from billing.organizations import create_organization
@@ -190,7 +191,8 @@ def _armed_orgs(backend: str, count: int, card: str = "ok") -> list[str]:
     for n in range(count):
         org_id = create_organization(f"recharging {n}").id
         saved_card(backend, org_id, card)
-        ledger.grant(org_id, 10 * DOLLAR, "top_up", "seed")
+        with locked_account(org_id) as account:
+            ledger.grant(account, 10 * DOLLAR, "top_up", reason="seed")
         accounts.update_settings(
             org_id,
             {
@@ -207,7 +209,8 @@ def _spend_below_threshold(org_id: str) -> None:
     """Take available just under the threshold (enqueues unless one is in flight)."""
     account = BillingAccount.get_by_id(org_id)
     available = account.credits_balance - account.reserved_credits
-    ledger.debit(org_id, max(0, available - 5 * DOLLAR + 1))
+    with locked_account(org_id) as account:
+        ledger.debit(account, max(0, available - 5 * DOLLAR + 1))
 
 
 def _assert_converged(front: IdempotentSlowStripe, orgs: list[str]) -> None:

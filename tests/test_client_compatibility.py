@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from billing import ledger
+from billing.accounts import locked_account
 from billing.config import get_settings
 from billing.stripe_gateway import get_gateway
 from billing.units import DOLLAR
@@ -126,8 +127,8 @@ PLATFORM_CATEGORIES = [
 
 @pytest.fixture
 def funded(org):
-    with database.connection_context():
-        ledger.grant(org.id, 10 * DOLLAR, "top_up", "seed")
+    with database.connection_context(), locked_account(org.id) as account:
+        ledger.grant(account, 10 * DOLLAR, "top_up", reason="seed")
     return org
 
 
@@ -168,13 +169,52 @@ def test_unknown_category_is_still_400(client, funded):
 
 def test_history_uses_the_platform_entry_types(client, org):
     with database.connection_context():
-        ledger.grant(org.id, 9 * DOLLAR, "welcome_grant", None, "cs_1", "w1")
-        ledger.grant(org.id, 5 * DOLLAR, "top_up", "credit top-up", "cs_2", "t1")
-        ledger.grant(org.id, 3 * DOLLAR, "recharge", None, "pi_1", "r1")
-        ledger.debit(org.id, DOLLAR, "charge", "usage: storage", "u1", "c1")
-        ledger.take_back(org.id, DOLLAR, "refund", None, "ch_1", "rf1")
-        ledger.take_back(org.id, DOLLAR, "dispute", None, "dp_1", "dp1")
-        ledger.adjust(org.id, -DOLLAR, "goodwill correction", "a1")
+        with locked_account(org.id) as account:
+            ledger.grant(
+                account,
+                9 * DOLLAR,
+                "welcome_grant",
+                reason=None,
+                reference_id="cs_1",
+                idempotency_ref="w1",
+            )
+        with locked_account(org.id) as account:
+            ledger.grant(
+                account,
+                5 * DOLLAR,
+                "top_up",
+                reason="credit top-up",
+                reference_id="cs_2",
+                idempotency_ref="t1",
+            )
+        with locked_account(org.id) as account:
+            ledger.grant(
+                account,
+                3 * DOLLAR,
+                "recharge",
+                reason=None,
+                reference_id="pi_1",
+                idempotency_ref="r1",
+            )
+        with locked_account(org.id) as account:
+            ledger.debit(
+                account,
+                DOLLAR,
+                "charge",
+                reason="usage: storage",
+                reference_id="u1",
+                idempotency_ref="c1",
+            )
+        with locked_account(org.id) as account:
+            ledger.take_back(
+                account, DOLLAR, "refund", reason=None, reference_id="ch_1", idempotency_ref="rf1"
+            )
+        with locked_account(org.id) as account:
+            ledger.take_back(
+                account, DOLLAR, "dispute", reason=None, reference_id="dp_1", idempotency_ref="dp1"
+            )
+        with locked_account(org.id) as account:
+            ledger.adjust(account, -DOLLAR, reason="goodwill correction", idempotency_ref="a1")
     items = client.get(f"/v1/billing/{org.id}/credits/history", headers=org.member).json()["items"]
     assert [(i["entryType"], i["kind"]) for i in items] == [
         ("adjustment", "adjustment"),
@@ -201,7 +241,15 @@ def test_every_ledger_kind_has_a_wire_type():
 def test_history_ids_are_stable_and_paging_keeps_commit_order(client, org):
     with database.connection_context():
         for i in range(7):
-            ledger.grant(org.id, 1000 + i, "adjustment", f"g{i}", None, f"g{i}")
+            with locked_account(org.id) as account:
+                ledger.grant(
+                    account,
+                    1000 + i,
+                    "adjustment",
+                    reason=f"g{i}",
+                    reference_id=None,
+                    idempotency_ref=f"g{i}",
+                )
     url = f"/v1/billing/{org.id}/credits/history"
     first = client.get(url, params={"limit": "7"}, headers=org.member).json()["items"]
     seen, cursor = [], None
@@ -220,7 +268,8 @@ def test_history_ids_are_stable_and_paging_keeps_commit_order(client, org):
 
 def test_public_id_is_filled_for_every_new_entry(org):
     with database.connection_context():
-        entry = ledger.grant(org.id, 1, "adjustment", "x").entry
+        with locked_account(org.id) as account:
+            entry = ledger.grant(account, 1, "adjustment", reason="x").entry
         assert entry is not None and UUID.match(CreditEntry.get_by_id(entry.id).public_id)
 
 

@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from billing import ledger, operators
+from billing.accounts import locked_account
 from billing.units import DOLLAR
 from models import CreditEntry, OperatorAction, database
 from scripts.local_server import ROOT
@@ -348,7 +349,8 @@ def test_admin_commands_match_the_api(client, db):
     assert admin("remove-member", org_id, "cli-owner").returncode == 0
     assert client.get(f"/v1/billing/{org_id}/credits", headers=owner).status_code == 404
     with database.connection_context():
-        ledger.grant(org_id, 1, "adjustment", "x")
+        with locked_account(org_id) as account:
+            ledger.grant(account, 1, "adjustment", reason="x")
         CreditEntry.update(balance_after=999).execute()
     assert admin("audit", org_id).returncode == 1
 

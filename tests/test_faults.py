@@ -11,6 +11,7 @@ import peewee
 import pytest
 
 from billing import ledger, metering
+from billing.accounts import locked_account
 from billing.config import get_settings
 from billing.stripe_gateway import get_gateway
 from billing.units import CENT
@@ -87,8 +88,8 @@ def test_stripe_timeout_is_a_clear_problem(client, org, retrying):
 def test_database_failure_mid_transaction_leaves_nothing(client, org, monkeypatch):
     """The database fails on the debit's SECOND write, after the first one went through:
     the partial write must roll back with the rest."""
-    with database.connection_context():
-        ledger.grant(org.id, 1000, "top_up", "seed")
+    with database.connection_context(), locked_account(org.id) as account:
+        ledger.grant(account, 1000, "top_up", reason="seed")
     real_write = metering._write
 
     def fail_after_writing(*args, **kwargs):
@@ -122,19 +123,18 @@ def test_database_failure_mid_transaction_leaves_nothing(client, org, monkeypatc
 KILLER = """
 import os, sys
 from billing import ledger
-from billing.accounts import lock_account
-from models import connect_database, write_transaction
+from billing.accounts import locked_account
+from models import connect_database
 connect_database(sys.argv[1])
-with write_transaction():
-    account = lock_account(sys.argv[2])
-    ledger._append(account, "charge", -400, "doomed", None, None)
+with locked_account(sys.argv[2]) as account:
+    ledger.debit(account, 400, reason="doomed")
     os._exit(9)  # the process dies inside the transaction, before commit
 """
 
 
 def test_process_killed_inside_a_ledger_transaction_leaves_no_partial_entry(org):
-    with database.connection_context():
-        ledger.grant(org.id, 1000, "top_up", "seed")
+    with database.connection_context(), locked_account(org.id) as account:
+        ledger.grant(account, 1000, "top_up", reason="seed")
     result = subprocess.run(
         [sys.executable, "-c", KILLER, get_settings().database_url, org.id],
         capture_output=True,
@@ -147,7 +147,8 @@ def test_process_killed_inside_a_ledger_transaction_leaves_no_partial_entry(org)
         assert account.credits_balance == 1000
         assert CreditEntry.select().count() == 1
         # The database is not left locked: the next debit goes through.
-        assert ledger.debit(org.id, 400).balance == 600
+        with locked_account(org.id) as account:
+            assert ledger.debit(account, 400).balance == 600
 
 
 def test_replay_storm_applies_each_event_once(client, org, stripe_mode):

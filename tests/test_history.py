@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from billing import ledger
+from billing.accounts import locked_account
 from models import database
 
 
@@ -15,7 +16,10 @@ def url(org_id: str) -> str:
 def grant_n(org_id: str, n: int) -> None:
     with database.connection_context():
         for i in range(n):
-            ledger.grant(org_id, 1000 + i, "adjustment", f"grant {i}", f"ref-{i}")
+            with locked_account(org_id) as account:
+                ledger.grant(
+                    account, 1000 + i, "adjustment", reason=f"grant {i}", reference_id=f"ref-{i}"
+                )
 
 
 def test_empty_history(client, org):

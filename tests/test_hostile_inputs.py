@@ -10,6 +10,7 @@ import yaml
 from jsonschema import Draft4Validator
 
 from billing import ledger
+from billing.accounts import locked_account
 from models import ALL_MODELS, database
 from tests.conftest import SERVICE_HEADERS
 from tests.contract.test_spec import ROOT
@@ -47,8 +48,8 @@ def snapshot() -> str:
 
 @pytest.fixture
 def seeded(org):
-    with database.connection_context():
-        ledger.grant(org.id, 10**9, "top_up", "seed")
+    with database.connection_context(), locked_account(org.id) as account:
+        ledger.grant(account, 10**9, "top_up", reason="seed")
     return org
 
 

@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from billing import ledger, metering
+from billing.accounts import locked_account
 from billing.errors import PaymentRequired
 from models import CreditEntry, UsageRecord, database
 from tests.ledger_checks import assert_ledger_invariants
@@ -43,9 +44,14 @@ def _run_concurrently(org_id: str, operation) -> tuple[int, int]:
 
 
 def test_concurrent_debits_never_overdraw_or_lose_updates(org):
-    with database.connection_context():
-        ledger.grant(org.id, AMOUNT * AFFORDABLE, "top_up", "seed")
-    ok, refused = _run_concurrently(org.id, lambda o, i: ledger.debit(o, AMOUNT, reason=str(i)))
+    with database.connection_context(), locked_account(org.id) as account:
+        ledger.grant(account, AMOUNT * AFFORDABLE, "top_up", reason="seed")
+
+    def debit(organization_id: str, i: int) -> None:
+        with locked_account(organization_id) as account:
+            ledger.debit(account, AMOUNT, reason=str(i))
+
+    ok, refused = _run_concurrently(org.id, debit)
     assert ok == AFFORDABLE
     assert refused == DEBITS - AFFORDABLE
     with database.connection_context():
@@ -56,8 +62,8 @@ def test_concurrent_debits_never_overdraw_or_lose_updates(org):
 
 def test_concurrent_usage_with_duplicate_references_charges_each_once(org):
     """Every reference is sent twice, from different threads: each is charged once."""
-    with database.connection_context():
-        ledger.grant(org.id, AMOUNT * AFFORDABLE, "top_up", "seed")
+    with database.connection_context(), locked_account(org.id) as account:
+        ledger.grant(account, AMOUNT * AFFORDABLE, "top_up", reason="seed")
 
     def record(o: str, i: int) -> None:
         metering.record_usage(o, "api_call", 1, AMOUNT, f"ref-{i // 2}")

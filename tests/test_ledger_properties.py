@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from billing import accounts, ledger, metering
+from billing.accounts import locked_account
 from billing.errors import Conflict, PaymentRequired
 from billing.organizations import create_organization
 from models import CreditEntry, database
@@ -50,7 +51,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(amount=amounts, ref=st.one_of(st.none(), refs))
     def grant(self, amount, ref):
-        result = ledger.grant(self.org, amount, "top_up", idempotency_ref=ref and f"g:{ref}")
+        with locked_account(self.org) as account:
+            result = ledger.grant(account, amount, "top_up", idempotency_ref=ref and f"g:{ref}")
         if not result.replayed:
             self.balance += amount
 
@@ -58,7 +60,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def debit(self, amount):
         allowed = self._may_spend(amount)
         try:
-            ledger.debit(self.org, amount)
+            with locked_account(self.org) as account:
+                ledger.debit(account, amount)
         except PaymentRequired:
             assert not allowed
         else:
@@ -90,7 +93,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def reserve(self, amount, ref):
         first = self.reservations.get(ref)
         try:
-            result = ledger.reserve(self.org, amount, ref)
+            result = ledger.reserve(self.org, amount, reference_id=ref)
         except Conflict:
             assert first is not None and first != amount, "a wrong 409"
             return
@@ -162,7 +165,10 @@ class LedgerMachine(RuleBasedStateMachine):
     def refund(self, amount):
         available = self.balance - sum(self.holds.values())
         expected = min(amount, max(0, available))  # never into what is spent or held
-        result = ledger.take_back(self.org, amount, "refund", None, None, None)  # type: ignore[arg-type]
+        with locked_account(self.org) as account:
+            result = ledger.take_back(
+                account, amount, "refund", reason=None, reference_id=None, idempotency_ref=None
+            )  # type: ignore[arg-type]
         assert result.entry.amount == -expected
         self.balance -= expected
 

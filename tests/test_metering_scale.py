@@ -18,6 +18,7 @@ import peewee
 import pytest
 
 from billing import ledger, metering
+from billing.accounts import locked_account
 from billing.audit import ledger_problems
 from billing.errors import PaymentRequired
 from billing.usage import summarize_usage
@@ -96,13 +97,15 @@ def _shapes(statements: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("operation", ["debit", "record_usage", "batch"])
 def test_one_debit_costs_the_same_with_10_or_10000_entries(org, operation):
-    ledger.grant(org.id, 10**12, "top_up", "seed")
+    with locked_account(org.id) as account:
+        ledger.grant(account, 10**12, "top_up", reason="seed")
     BillingAccount.update(usage_cap=10**15).execute()
     counter = iter(range(10**6))
 
     def act() -> None:
         if operation == "debit":
-            ledger.debit(org.id, 1, reason="x")
+            with locked_account(org.id) as account:
+                ledger.debit(account, 1, reason="x")
         elif operation == "record_usage":
             metering.record_usage(org.id, "api_call", 1, 1, f"ref-{next(counter)}")
         else:
@@ -127,34 +130,39 @@ def test_one_debit_costs_the_same_with_10_or_10000_entries(org, operation):
 
 
 def test_usage_cap_reads_the_running_month_spend(org, monkeypatch):
-    ledger.grant(org.id, 10**9, "top_up", "seed")
+    with locked_account(org.id) as account:
+        ledger.grant(account, 10**9, "top_up", reason="seed")
     BillingAccount.update(usage_cap=100).execute()
     clock = {"now": dt.datetime(2026, 11, 30, 23, 59, 59, 999000)}
     monkeypatch.setattr(ledger, "utcnow", lambda: clock["now"])
-    ledger.debit(org.id, 80)
-    with pytest.raises(PaymentRequired):
-        ledger.debit(org.id, 30)  # 110 > 100 in November
+    with locked_account(org.id) as account:
+        ledger.debit(account, 80)
+    with pytest.raises(PaymentRequired), locked_account(org.id) as account:
+        ledger.debit(account, 30)  # 110 > 100 in November
     account = BillingAccount.get_by_id(org.id)
     assert (account.spend_month, account.month_spend) == ("2026-11", 80)
     # A read at the boundary: December has spent nothing, before any December write.
     assert ledger.month_spend(account, dt.datetime(2026, 12, 1)) == 0
     assert ledger.month_spend(account, dt.datetime(2026, 11, 30, 23, 59, 59)) == 80
     clock["now"] = dt.datetime(2026, 12, 1)
-    ledger.debit(org.id, 80)  # the first debit of December starts from zero
+    with locked_account(org.id) as account:
+        ledger.debit(account, 80)  # the first debit of December starts from zero
     account = BillingAccount.get_by_id(org.id)
     assert (account.spend_month, account.month_spend) == ("2026-12", 80)
-    with pytest.raises(PaymentRequired):
-        ledger.debit(org.id, 30)
-    ledger.debit(org.id, 20)
+    with pytest.raises(PaymentRequired), locked_account(org.id) as account:
+        ledger.debit(account, 30)
+    with locked_account(org.id) as account:
+        ledger.debit(account, 20)
     assert BillingAccount.get_by_id(org.id).month_spend == 100
 
 
 def test_reservations_count_and_finalization_moves_the_month_spend(org):
-    ledger.grant(org.id, 10**9, "top_up", "seed")
+    with locked_account(org.id) as account:
+        ledger.grant(account, 10**9, "top_up", reason="seed")
     BillingAccount.update(usage_cap=1000).execute()
-    held = ledger.reserve(org.id, 600, "job-1")
-    with pytest.raises(PaymentRequired):
-        ledger.debit(org.id, 500)  # 600 held + 500 > 1000
+    held = ledger.reserve(org.id, 600, reference_id="job-1")
+    with pytest.raises(PaymentRequired), locked_account(org.id) as account:
+        ledger.debit(account, 500)  # 600 held + 500 > 1000
     ledger.finalize_reservation(org.id, held.reservation.id, 700)
     account = assert_ledger_invariants(org.id)
     assert account.month_spend == 700 and account.reserved_credits == 0
@@ -173,7 +181,8 @@ def _recount(organization_id: str, category: str, start: dt.datetime, end: dt.da
 
 
 def test_summary_over_any_period_equals_a_recount(org, monkeypatch):
-    ledger.grant(org.id, 10**12, "top_up", "seed")
+    with locked_account(org.id) as account:
+        ledger.grant(account, 10**12, "top_up", reason="seed")
     rng = random.Random(13)
     base = dt.datetime(2026, 10, 28)
     moments = sorted(
@@ -210,7 +219,8 @@ def test_summary_over_any_period_equals_a_recount(org, monkeypatch):
 
 
 def test_audit_notices_running_totals_that_drift(org):
-    ledger.grant(org.id, 10**6, "top_up", "seed")
+    with locked_account(org.id) as account:
+        ledger.grant(account, 10**6, "top_up", reason="seed")
     metering.record_usage(org.id, "api_call", 2, 10, "a")
     assert ledger_problems(org.id) == []
     BillingAccount.update(month_spend=BillingAccount.month_spend + 1).execute()

@@ -9,6 +9,7 @@ import datetime as dt
 import pytest
 
 from billing import accounts, ledger
+from billing.accounts import locked_account
 from billing.errors import PaymentRequired
 from tests.conftest import SERVICE_HEADERS
 
@@ -19,32 +20,37 @@ CAP = 1_000
 
 @pytest.fixture
 def capped(org, conn, clock):
-    ledger.grant(org.id, 1_000_000, "top_up", "seed")
+    with locked_account(org.id) as account:
+        ledger.grant(account, 1_000_000, "top_up", reason="seed")
     accounts.update_settings(org.id, {"usage_cap": CAP})
     return org
 
 
 def test_cap_counts_the_last_moment_of_the_month(capped, clock):
     clock.set(LAST_MOMENT)
-    ledger.debit(capped.id, CAP)  # exactly the cap, from no prior spend: allowed
-    with pytest.raises(PaymentRequired):
-        ledger.debit(capped.id, 1)
+    with locked_account(capped.id) as account:
+        ledger.debit(account, CAP)  # exactly the cap, from no prior spend: allowed
+    with pytest.raises(PaymentRequired), locked_account(capped.id) as account:
+        ledger.debit(account, 1)
 
 
 def test_cap_starts_afresh_at_the_first_moment_of_the_next_month(capped, clock):
     clock.set(LAST_MOMENT)
-    ledger.debit(capped.id, CAP)
+    with locked_account(capped.id) as account:
+        ledger.debit(account, CAP)
     clock.set(FIRST_MOMENT)
-    ledger.debit(capped.id, CAP)  # November's spend no longer counts
-    with pytest.raises(PaymentRequired):
-        ledger.debit(capped.id, 1)
+    with locked_account(capped.id) as account:
+        ledger.debit(account, CAP)  # November's spend no longer counts
+    with pytest.raises(PaymentRequired), locked_account(capped.id) as account:
+        ledger.debit(account, 1)
 
 
 def test_cap_with_no_prior_spend_allows_exactly_the_cap(capped, clock):
     clock.set(FIRST_MOMENT)
-    with pytest.raises(PaymentRequired):
-        ledger.debit(capped.id, CAP + 1)
-    ledger.debit(capped.id, CAP)
+    with pytest.raises(PaymentRequired), locked_account(capped.id) as account:
+        ledger.debit(account, CAP + 1)
+    with locked_account(capped.id) as account:
+        ledger.debit(account, CAP)
 
 
 def _record(client, org_id: str, reference: str) -> None:
@@ -72,8 +78,8 @@ def _summary(client, org, **params: str) -> dict:
 
 
 def test_default_usage_period_on_either_side_of_the_boundary(client, org, clock):
-    with ledger_connection():
-        ledger.grant(org.id, 1_000, "top_up", "seed")
+    with ledger_connection(), locked_account(org.id) as account:
+        ledger.grant(account, 1_000, "top_up", reason="seed")
     clock.set(LAST_MOMENT)
     _record(client, org.id, "november")
     november = _summary(client, org)

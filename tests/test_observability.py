@@ -10,6 +10,7 @@ import os
 import peewee
 import pytest
 
+from billing.accounts import locked_account
 from billing.config import get_settings
 from models import database
 
@@ -116,8 +117,8 @@ def test_metrics_expose_requests_errors_and_ledger(client, org):
         frozenset({"operation": "getCreditBalance"}.items()),
     )
     before = _samples(client)
-    with database.connection_context():
-        ledger.grant(org.id, 5, "adjustment")
+    with database.connection_context(), locked_account(org.id) as account:
+        ledger.grant(account, 5, "adjustment")
     client.get(f"/v1/billing/{org.id}/credits", headers=org.owner)
     client.get(f"/v1/billing/{org.id}/credits", headers=org.owner)
     client.get(f"/v1/billing/{org.id}/credits", headers=org.outsider)

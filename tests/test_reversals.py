@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from billing.accounts import locked_account
 from billing.units import CENT, DOLLAR
 from models import BillingAccount, CreditEntry, StripePayment, database, utcnow
 from tests.conftest import SERVICE_HEADERS
@@ -92,7 +93,8 @@ def test_lost_dispute_after_full_refund_takes_nothing_more(client, paid_top_up):
     with database.connection_context():
         from billing import ledger
 
-        ledger.grant(org.id, 50 * DOLLAR, "adjustment", "other credit")
+        with locked_account(org.id) as account:
+            ledger.grant(account, 50 * DOLLAR, "adjustment", reason="other credit")
     post(client, "charge.refunded", charge(org.id, refunded_cents=1000))
     post(client, "charge.dispute.closed", dispute(status="lost"))
     post(client, "charge.refunded", charge(org.id, refunded_cents=1000))

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from billing import ledger, metering
+from billing.accounts import locked_account
 from billing.organizations import create_organization
 from models import AutoRechargeRequest, BillingAccount, CreditEntry, database
 from models.clock import use_clock
@@ -24,7 +25,8 @@ DEC_FIRST = dt.datetime(2026, 12, 1)
 def capped_org(db) -> Iterator[str]:
     with database.connection_context():
         org_id = create_organization("review").id
-        ledger.grant(org_id, 100_000, "top_up", "seed")
+        with locked_account(org_id) as account:
+            ledger.grant(account, 100_000, "top_up", reason="seed")
         BillingAccount.update(usage_cap=500).where(BillingAccount.organization == org_id).execute()
         yield org_id
 
@@ -130,7 +132,8 @@ def test_a_full_batch_the_contract_allows_is_not_refused_for_its_size(client, db
 
     with database.connection_context():
         org_id = create_organization("big batch").id
-        ledger.grant(org_id, 10**9, "top_up", "seed")
+        with locked_account(org_id) as account:
+            ledger.grant(account, 10**9, "top_up", reason="seed")
     events = [
         {
             "organizationId": org_id,
@@ -176,7 +179,8 @@ def test_a_clock_a_little_behind_cannot_reset_the_new_months_spend(capped_org, p
     def spend(amount: int, ref: str) -> str:
         if path == "debit":
             try:
-                ledger.debit(capped_org, amount)
+                with locked_account(capped_org) as account:
+                    ledger.debit(account, amount)
             except PaymentRequired:
                 return "refused"
             return "recorded"

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from billing import auto_recharge, ledger
+from billing.accounts import locked_account
 from billing.organizations import create_organization
 from billing.units import CENT, DOLLAR
 from models import (
@@ -38,7 +39,8 @@ def _new_org(extra_credit: int = 0) -> str:
     with database.connection_context():
         org_id = create_organization(f"review {uuid.uuid4().hex[:6]}").id
         if extra_credit:
-            ledger.grant(org_id, extra_credit, "adjustment", "other credit")
+            with locked_account(org_id) as account:
+                ledger.grant(account, extra_credit, "adjustment", reason="other credit")
     ev.link_customer(org_id)
     return org_id
 
@@ -63,8 +65,8 @@ def _top_up(org_id: str, tag: str) -> str:
 
 
 def _spend(org_id: str, amount: int) -> None:
-    with database.connection_context():
-        ledger.debit(org_id, amount, reason="usage", reference_id=uuid.uuid4().hex)
+    with database.connection_context(), locked_account(org_id) as account:
+        ledger.debit(account, amount, reason="usage", reference_id=uuid.uuid4().hex)
 
 
 # --- 1. a reversal's shortfall is taken later from credits another payment bought ---------
@@ -120,8 +122,8 @@ def test_a_lost_dispute_takes_only_what_the_refund_left_and_what_remains():
 def test_a_partial_lost_dispute_of_an_auto_recharge_reverses_its_share_only():
     org_id = _new_org(50 * DOLLAR)
     pi = f"pi_ar_{org_id[:8]}"
-    with database.connection_context():
-        auto_recharge.payment_succeeded(org_id, pi, ORDER, None)
+    with database.connection_context(), locked_account(org_id) as account:
+        auto_recharge.payment_succeeded(account, pi, ORDER, None)
     lost = ev.dispute(status="lost", amount=300, pi=pi, dispute_id=f"dp_{org_id[:8]}")
     ev.deliver(*ev.signed("charge.dispute.closed", lost))
     assert ev.reversed_total(org_id) == 300 * CENT

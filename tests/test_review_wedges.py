@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from billing import accounts, auto_recharge, idempotency, ledger, recharge_policy, webhooks
+from billing.accounts import locked_account
 from billing.config import get_settings
 from billing.errors import Conflict, PaymentRequired
 from billing.stripe_gateway import ChargeOutcome
@@ -135,11 +136,11 @@ def test_worker_and_webhook_settling_one_payment_do_not_deadlock(org, monkeypatc
     release = recharge_policy.release_in_flight
     attempt_for = auto_recharge._attempt_for
 
-    def slow_release(organization_id: str, attempt_id: str) -> None:
+    def slow_release(account: BillingAccount, attempt_id: str) -> None:
         if threading.current_thread().name == "worker":
             worker_holds_attempt.set()
             webhook_holds_account.wait(5)  # the webhook gets this far, or cannot (fixed)
-        release(organization_id, attempt_id)
+        release(account, attempt_id)
 
     def noted_attempt_for(*args: Any) -> Any:
         found = attempt_for(*args)
@@ -170,11 +171,12 @@ def test_worker_and_webhook_settling_one_payment_do_not_deadlock(org, monkeypatc
     }
     payload = json.dumps(event).encode()
     results: dict[str, Any] = {}
-    worker = _in_thread(
-        lambda: auto_recharge.payment_succeeded(org.id, intent_id, 20 * DOLLAR, attempt.id),
-        results,
-        "worker",
-    )
+
+    def worker_records_success() -> str:  # as the worker's outcome does: one unit of work
+        with locked_account(org.id) as account:
+            return auto_recharge.payment_succeeded(account, intent_id, 20 * DOLLAR, attempt.id)
+
+    worker = _in_thread(worker_records_success, results, "worker")
     assert worker_holds_attempt.wait(30)
     webhook = _in_thread(
         lambda: webhooks.receive(payload, "t=1,v1=x", _EventsAsSent()),  # type: ignore[arg-type]
@@ -219,7 +221,8 @@ def test_refusals_before_a_card_is_saved_never_turn_auto_recharge_off(org, conn,
     several cooldowns. Saving the card must then recharge: the refusals may not have spent
     the failure budget on attempts that had nothing to charge."""
     settings = get_settings()
-    ledger.grant(org.id, DOLLAR, "top_up", "seed")
+    with locked_account(org.id) as account:
+        ledger.grant(account, DOLLAR, "top_up", reason="seed")
     accounts.update_settings(
         org.id,
         {
@@ -230,8 +233,8 @@ def test_refusals_before_a_card_is_saved_never_turn_auto_recharge_off(org, conn,
     )
     gateway = _CountingGateway()
     for _ in range(settings.auto_recharge_max_failures + 1):
-        with pytest.raises(PaymentRequired):
-            ledger.debit(org.id, 50 * DOLLAR)
+        with pytest.raises(PaymentRequired), locked_account(org.id) as account:
+            ledger.debit(account, 50 * DOLLAR)
         auto_recharge.drain(gateway, settings)  # type: ignore[arg-type]
         clock.advance(seconds=settings.auto_recharge_cooldown_seconds + 1)
     account = BillingAccount.get_by_id(org.id)
@@ -240,7 +243,8 @@ def test_refusals_before_a_card_is_saved_never_turn_auto_recharge_off(org, conn,
     BillingAccount.update(stripe_customer_id="cus_review").where(
         BillingAccount.organization == org.id
     ).execute()
-    auto_recharge.remember_payment_method(org.id, "pm_review_card")
+    with locked_account(org.id) as account:
+        auto_recharge.remember_payment_method(account, "pm_review_card")
     assert auto_recharge.drain(gateway, settings) == 1  # type: ignore[arg-type]
     assert gateway.charges == 1
     assert BillingAccount.get_by_id(org.id).credits_balance == 21 * DOLLAR
@@ -279,8 +283,8 @@ def test_a_json_body_in_any_letter_case_is_read(client, org, content_type):
 
 
 def ledger_seed(org_id: str) -> None:
-    with database.connection_context():
-        ledger.grant(org_id, 5 * DOLLAR, "top_up", "seed")
+    with database.connection_context(), locked_account(org_id) as account:
+        ledger.grant(account, 5 * DOLLAR, "top_up", reason="seed")
 
 
 # --- one caller's Idempotency-Key is not another's Stripe key --------------------------------

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from billing import ledger
+from billing.accounts import locked_account
 from models import CreditEntry, IdempotencyRecord, UsageRecord, database
 from tests.conftest import SERVICE_HEADERS
 
@@ -25,8 +26,8 @@ def hold_url(org_id, rid=None, action=None):
 
 @pytest.fixture
 def funded(org):
-    with database.connection_context():
-        ledger.grant(org.id, 10_000, "top_up", "seed")
+    with database.connection_context(), locked_account(org.id) as account:
+        ledger.grant(account, 10_000, "top_up", reason="seed")
     return org
 
 
@@ -157,7 +158,8 @@ def test_failed_request_frees_its_key(client, funded):
     big = {**USAGE, "quantity": 1_000}
     assert client.post(usage_url(funded.id), json=big, headers=headers).status_code == 402
     with database.connection_context():
-        ledger.grant(funded.id, 100_000, "top_up", "more")
+        with locked_account(funded.id) as account:
+            ledger.grant(account, 100_000, "top_up", reason="more")
         assert IdempotencyRecord.select().count() == 0
     assert client.post(usage_url(funded.id), json=big, headers=headers).status_code == 200
 

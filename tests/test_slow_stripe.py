@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from billing import ledger
+from billing.accounts import locked_account
 from billing.config import get_settings
 from billing.organizations import add_member, create_organization
 from billing.stripe_gateway import get_gateway
@@ -111,7 +112,8 @@ def test_debits_complete_while_stripe_customers_hangs(app, hanging):
     with database.connection_context():
         others = [create_organization(f"other {n}").id for n in range(4)]
         for org_id in [*others, slow_org]:
-            ledger.grant(org_id, 100 * DOLLAR, "top_up", "seed")
+            with locked_account(org_id) as account:
+                ledger.grant(account, 100 * DOLLAR, "top_up", reason="seed")
     top_up: dict[str, Any] = {}
 
     def first_top_up() -> None:
@@ -202,7 +204,8 @@ def test_requests_hanging_on_stripe_do_not_take_the_pool(stripe_mode, monkeypatc
     with database.connection_context():
         org = create_organization("hanging checkouts")
         add_member(org.id, f"owner-{org.id[:8]}", "owner", None)
-        ledger.grant(org.id, 100 * DOLLAR, "top_up", "seed")
+        with locked_account(org.id) as account:
+            ledger.grant(account, 100 * DOLLAR, "top_up", reason="seed")
         BillingAccount.update(stripe_customer_id="cus_preset").execute()
     front = HangingCustomers(stripe_mode.url, "", hang_path="/v1/checkout/sessions")
     monkeypatch.setenv("STRIPE_API_BASE", front.url)

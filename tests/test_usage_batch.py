@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 
 from billing import ledger, metering
+from billing.accounts import locked_account
 from billing.audit import ledger_problems
 from billing.organizations import create_organization
 from billing.usage import current_month, summarize_usage
@@ -49,8 +50,10 @@ def statuses(response) -> list[str]:
 def orgs(db):
     with database.connection_context():
         ids = [create_organization(f"batch-{i}").id for i in range(3)]
-        ledger.grant(ids[0], 10_000, "top_up", "seed")
-        ledger.grant(ids[1], 10_000, "top_up", "seed")
+        with locked_account(ids[0]) as account:
+            ledger.grant(account, 10_000, "top_up", reason="seed")
+        with locked_account(ids[1]) as account:
+            ledger.grant(account, 10_000, "top_up", reason="seed")
         BillingAccount.update(usage_cap=500).where(BillingAccount.organization == ids[1]).execute()
     return ids
 
@@ -230,7 +233,8 @@ def test_concurrent_batches_over_overlapping_orgs(db, round_):
     with database.connection_context():
         org_ids = [create_organization(f"c{round_}-{i}").id for i in range(8)]
         for org_id in org_ids:
-            ledger.grant(org_id, 10**9, "top_up", "seed")
+            with locked_account(org_id) as account:
+                ledger.grant(account, 10**9, "top_up", reason="seed")
     # Each thread: 3 batches; references overlap across threads (the same event sent twice).
     plans = []
     for _t in range(THREADS):

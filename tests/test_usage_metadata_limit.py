@@ -8,6 +8,7 @@ import json
 import pytest
 
 from billing import ledger
+from billing.accounts import locked_account
 from billing.metering import MAX_METADATA_BYTES
 from models import CreditEntry, UsageRecord, database
 from tests.conftest import SERVICE_HEADERS
@@ -19,8 +20,8 @@ def encoded_size(metadata: dict[str, str]) -> int:
 
 @pytest.fixture
 def funded(org):
-    with database.connection_context():
-        ledger.grant(org.id, 10_000, "top_up", "seed")
+    with database.connection_context(), locked_account(org.id) as account:
+        ledger.grant(account, 10_000, "top_up", reason="seed")
     return org
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 import pytest
 
 from billing import ledger, metering
+from billing.accounts import locked_account
 from models import database
 from tests.conftest import MID_MONTH
 
@@ -18,7 +19,8 @@ def url(org_id: str) -> str:
 @pytest.fixture
 def usage(org, clock):
     with database.connection_context():
-        ledger.grant(org.id, 10**9, "adjustment", "seed")
+        with locked_account(org.id) as account:
+            ledger.grant(account, 10**9, "adjustment", reason="seed")
         # Recorded in January 2020 (record, entry and daily rollup alike), before the others.
         clock.set(dt.datetime(2020, 1, 15))
         metering.record_usage(org.id, "api_call", 7, 1, "u-old")

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from billing import ledger
+from billing.accounts import locked_account
 from billing.organizations import create_organization
 from billing.plans import is_subscribed
 from billing.subscriptions import lifecycle_rank, normalize_status
@@ -84,7 +85,8 @@ class WebhookMachine(RuleBasedStateMachine):
         with database.connection_context():
             for _ in range(2):
                 org_id = create_organization(f"model {uuid.uuid4().hex[:6]}").id
-                ledger.grant(org_id, 1000 * DOLLAR, "adjustment", "other credit")
+                with locked_account(org_id) as account:
+                    ledger.grant(account, 1000 * DOLLAR, "adjustment", reason="other credit")
                 self.orgs.append(OrgModel(org_id))
         for org in self.orgs:
             ev.link_customer(org.id)

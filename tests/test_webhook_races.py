@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from billing import ledger
+from billing.accounts import locked_account
 from billing.organizations import create_organization
 from billing.units import CENT, DOLLAR
 from models import BillingAccount, database, is_postgres
@@ -34,7 +35,8 @@ def _new_org(extra_credit: int = 50 * DOLLAR) -> str:
     with database.connection_context():
         org_id = create_organization(f"race {uuid.uuid4().hex[:6]}").id
         if extra_credit:
-            ledger.grant(org_id, extra_credit, "adjustment", "other credit")
+            with locked_account(org_id) as account:
+                ledger.grant(account, extra_credit, "adjustment", reason="other credit")
     ev.link_customer(org_id)
     return org_id
 

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from billing import accounts, auto_recharge, ledger
+from billing.accounts import locked_account
 from billing.config import get_settings
 from billing.organizations import add_member, create_organization
 from billing.units import DOLLAR
@@ -36,8 +37,8 @@ TOP_UP = {
 
 
 def _funded(org_id: str, amount: int = 50 * DOLLAR) -> None:
-    with database.connection_context():
-        ledger.grant(org_id, amount, "top_up", "seed")
+    with database.connection_context(), locked_account(org_id) as account:
+        ledger.grant(account, amount, "top_up", reason="seed")
 
 
 # --- 4. fixed-size idempotency scopes -----------------------------------------------------
@@ -132,7 +133,8 @@ def test_a_dead_claim_is_taken_over_once_its_lease_expires(client, org):
 
 
 def _arm_with_card(org_id: str) -> None:
-    ledger.grant(org_id, 10 * DOLLAR, "top_up", "seed")
+    with locked_account(org_id) as account:
+        ledger.grant(account, 10 * DOLLAR, "top_up", reason="seed")
     accounts.update_settings(
         org_id,
         {
@@ -158,7 +160,8 @@ def test_a_refused_debit_enqueues_a_recharge(client, org):
     with database.connection_context():
         _arm_with_card(org.id)
         # Spending everything in one go leaves no debit that "crossed" the threshold later.
-        ledger.debit(org.id, 10 * DOLLAR)
+        with locked_account(org.id) as account:
+            ledger.debit(account, 10 * DOLLAR)
         AutoRechargeRequest.update(status="failed", completed_at=utcnow()).execute()
         BillingAccount.update(auto_recharge_in_flight_id=None).execute()
         _past_cooldown(org.id)
@@ -178,7 +181,7 @@ def test_a_refused_debit_enqueues_a_recharge(client, org):
         assert len(pending) == 1
         # A second refusal while that one is in flight adds nothing.
         with pytest.raises(Exception, match="credits"):
-            ledger.reserve(org.id, DOLLAR, "r-refused")
+            ledger.reserve(org.id, DOLLAR, reference_id="r-refused")
         assert (
             AutoRechargeRequest.select().where(AutoRechargeRequest.status == "pending").count() == 1
         )
@@ -186,27 +189,31 @@ def test_a_refused_debit_enqueues_a_recharge(client, org):
 
         assert auto_recharge.drain(get_gateway(), get_settings()) == 1
         assert BillingAccount.get_by_id(org.id).credits_balance == 20 * DOLLAR
-        ledger.debit(org.id, DOLLAR)  # spending works again
+        with locked_account(org.id) as account:
+            ledger.debit(account, DOLLAR)  # spending works again
 
 
 def test_a_refusal_respects_the_cooldown(org, conn):
     _arm_with_card(org.id)
-    ledger.debit(org.id, 6 * DOLLAR)  # crosses the threshold: one request
+    with locked_account(org.id) as account:
+        ledger.debit(account, 6 * DOLLAR)  # crosses the threshold: one request
     AutoRechargeRequest.update(status="failed", completed_at=utcnow()).execute()
     BillingAccount.update(auto_recharge_in_flight_id=None).execute()
-    with pytest.raises(Exception, match="credits"):
-        ledger.debit(org.id, 50 * DOLLAR)
+    with pytest.raises(Exception, match="credits"), locked_account(org.id) as account:
+        ledger.debit(account, 50 * DOLLAR)
     assert AutoRechargeRequest.select().count() == 1  # within the cooldown
 
 
 def test_a_new_payment_method_enqueues_a_recharge(org, conn):
     _arm_with_card(org.id)
     BillingAccount.update(stripe_payment_method_id=None).execute()
-    ledger.debit(org.id, 6 * DOLLAR)  # below the threshold, but no card: nothing to charge
+    with locked_account(org.id) as account:
+        ledger.debit(account, 6 * DOLLAR)  # below the threshold, but no card: nothing to charge
     from billing.stripe_gateway import get_gateway
 
     assert AutoRechargeRequest.select().count() == 0
-    auto_recharge.remember_payment_method(org.id, "pm_new_card")
+    with locked_account(org.id) as account:
+        auto_recharge.remember_payment_method(account, "pm_new_card")
     assert AutoRechargeRequest.select().where(AutoRechargeRequest.status == "pending").count() == 1
     auto_recharge.drain(get_gateway(), get_settings())
     assert BillingAccount.get_by_id(org.id).credits_balance == 24 * DOLLAR
