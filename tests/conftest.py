@@ -149,6 +149,11 @@ def clock() -> Iterator[FakeClock]:
 def localstripe_url():
     from tests.stripe_fakes import start_localstripe
 
+    # A running localstripe to reuse: mutation testing starts a pytest session per mutant,
+    # and starting one per session dominated the run.
+    if os.environ.get("TEST_LOCALSTRIPE_URL"):
+        yield os.environ["TEST_LOCALSTRIPE_URL"]
+        return
     proc, url = start_localstripe()
     yield url
     proc.terminate()

@@ -156,7 +156,10 @@ class FixtureFront:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # A short poll: `close` waits for the loop to notice, once per test using the front.
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     def checkout(self, params: dict[str, Any]) -> dict[str, Any]:
         session = copy.deepcopy(self._fixtures["checkout.session"])
