@@ -29,6 +29,7 @@ from billing import (
     webhooks,
 )
 from billing.config import get_settings
+from billing.errors import InvalidRequest
 from billing.organizations import create_organization
 from billing.stripe_gateway import ChargeOutcome
 from billing.units import CENT, DOLLAR
@@ -167,9 +168,9 @@ def test_a_recharge_paid_with_a_new_card_asks_for_no_second_recharge():
     AutoRechargeRequest.update(
         status=AttemptStatus.requires_action, stripe_payment_intent_id="pi_3ds"
     ).where(AutoRechargeRequest.id == attempt_id).execute()
-    BillingAccount.update(auto_recharge_in_flight_id=None, auto_recharge_last_requested_at=None).where(
-        BillingAccount.organization == org_id
-    ).execute()
+    BillingAccount.update(
+        auto_recharge_in_flight_id=None, auto_recharge_last_requested_at=None
+    ).where(BillingAccount.organization == org_id).execute()
     _deliver(
         "payment_intent.succeeded",
         {
@@ -271,3 +272,239 @@ def test_completing_locally_never_pays_a_session_canceled_meanwhile(monkeypatch)
         assert _failed_rounds(one_round) == 0
     finally:
         watcher.close()
+
+
+# --- attacks that held: lock order under the new unit of work (PostgreSQL, real threads) -----
+
+
+class _SucceedingGateway:
+    local = False
+
+    def charge_off_session(
+        self, organization_id: str, customer: str, method: str, amount: int, attempt_id: str
+    ) -> ChargeOutcome:
+        return ChargeOutcome("succeeded", _intent_of(attempt_id))
+
+
+def _intent_of(attempt_id: str) -> str:
+    return f"pi_{attempt_id.replace('-', '')[:20]}"
+
+
+def _recharge_pending(org_id: str) -> str:
+    """A pending auto-recharge request of $20 (threshold $5, a card on file)."""
+    with database.connection_context():
+        BillingAccount.update(
+            auto_recharge_enabled=True,
+            auto_recharge_threshold=5 * DOLLAR,
+            auto_recharge_amount=20 * DOLLAR,
+            stripe_payment_method_id="pm_review",
+        ).where(BillingAccount.organization == org_id).execute()
+        with accounts.locked_account(org_id) as account:
+            attempt_id = recharge_policy.request_if_due(account, refused=True)
+    assert attempt_id is not None
+    return attempt_id
+
+
+def _recharge_intent(org_id: str, attempt_id: str, event: str = "succeeded") -> dict[str, Any]:
+    return {
+        "id": _intent_of(attempt_id),
+        "object": "payment_intent",
+        "amount": 2000,
+        "amount_received": 2000 if event == "succeeded" else 0,
+        "currency": "usd",
+        "status": event,
+        "payment_method": "pm_review",
+        "customer": ev.customer_of(org_id),
+        "last_payment_error": {"code": "card_declined"} if event == "failed" else None,
+        "metadata": {"organization_id": org_id, "kind": "auto_recharge", "attempt_id": attempt_id},
+    }
+
+
+def _pay_unless_canceled(session_id: str) -> None:
+    try:
+        local_billing.pay(session_id)
+    except InvalidRequest as exc:  # the Cancel came first: "this checkout was canceled"
+        assert "canceled" in exc.detail
+
+
+def test_everything_on_one_organization_at_once_neither_deadlocks_nor_breaks_the_ledger():
+    """Every writer of one organization released together, round after round: `pay` (account,
+    then session) against its Cancel (session) and a webhook top-up reading the stored session;
+    a refund webhook against an operator's adjustment; usage batches over [org, other] and
+    [other, org] against single records; a reservation; the worker's claim and outcome against
+    the webhook settling the same attempt. No deadlock, no error, every invariant kept."""
+    _postgres_only()
+    gateway = _SucceedingGateway()
+
+    def one_round() -> bool:
+        org_id, other_id = _new_org(), _new_org()
+        tag = org_id[:8]
+        local_id = f"cs_local_{uuid.uuid4().hex}"
+        with database.connection_context():
+            CheckoutSession.create(
+                id=local_id, organization=org_id, kind="top_up", amount=5 * DOLLAR, url="http://l"
+            )
+            CheckoutSession.create(
+                id=f"cs_{tag}",
+                organization=org_id,
+                kind="top_up",
+                amount=10 * DOLLAR,
+                url="http://s",
+            )
+        _deliver(
+            "checkout.session.completed",
+            ev.top_up_session(
+                org_id,
+                pi=f"pi_old_{tag}",
+                session_id=f"cs_old_{tag}",
+                amount_decimillicents=10 * DOLLAR,
+            ),
+        )
+        attempt_id = _recharge_pending(org_id)
+
+        def batch(ids: list[str], ref: str) -> None:
+            events = [metering.usage_event(o, "storage", 1, CENT, f"{ref}:{o}") for o in ids]
+            metering.record_usage_batch(events)
+
+        errors = _together(
+            lambda: _pay_unless_canceled(local_id),
+            lambda: local_billing.cancel(local_id),
+            lambda: _deliver(
+                "checkout.session.completed",
+                ev.top_up_session(
+                    org_id,
+                    pi=f"pi_new_{tag}",
+                    session_id=f"cs_{tag}",
+                    amount_decimillicents=10 * DOLLAR,
+                ),
+            ),
+            lambda: _deliver(
+                "charge.refunded",
+                ev.charge(org_id, refunded_cents=400, pi=f"pi_old_{tag}", charge_id=f"ch_{tag}"),
+            ),
+            lambda: operators.adjust_credits(
+                org_id, amount=-DOLLAR, reason="review", idempotency_key=f"adj-{tag}"
+            ),
+            lambda: batch([org_id, other_id], "b1"),
+            lambda: batch([other_id, org_id], "b2"),
+            lambda: metering.record_usage(org_id, "storage", 1, CENT, "single"),
+            lambda: metering.record_usage(other_id, "storage", 1, CENT, "single"),
+            lambda: ledger.reserve(org_id, DOLLAR, reference_id="hold"),
+            lambda: auto_recharge.process_one(gateway, get_settings()),  # type: ignore[arg-type]
+            lambda: _deliver("payment_intent.succeeded", _recharge_intent(org_id, attempt_id)),
+        )
+        with database.connection_context():
+            account = assert_ledger_invariants(org_id)
+            assert_ledger_invariants(other_id)
+            session = CheckoutSession.get_by_id(local_id)
+            recharges = CreditEntry.select().where(
+                (CreditEntry.organization == org_id) & (CreditEntry.entry_type == "recharge")
+            )
+            local_top_ups = CreditEntry.select().where(CreditEntry.reference_id == local_id)
+            attempt = AutoRechargeRequest.get_by_id(attempt_id)
+        expected_local = 1 if session.status == CheckoutStatus.completed else 0
+        ok = (
+            not errors
+            and [e.amount for e in recharges] == [20 * DOLLAR]
+            and attempt.status == AttemptStatus.succeeded
+            and account.auto_recharge_in_flight_id is None
+            and account.auto_recharge_failure_count == 0
+            and local_top_ups.count() == expected_local
+        )
+        if not ok:
+            print(errors, session.status, list(recharges), attempt.status, account.__data__)
+        return ok
+
+    assert _failed_rounds(one_round) == 0
+
+
+def test_a_decline_webhook_racing_the_workers_claim_and_success_settles_once():
+    """The worker claims and charges an attempt while Stripe reports a decline for the same
+    attempt (an earlier try): whichever settles last, the recharge is granted once, the attempt
+    ends succeeded or failed with a matching failure count, and the in-flight slot is free."""
+    _postgres_only()
+    gateway = _SucceedingGateway()
+
+    def one_round() -> bool:
+        org_id = _new_org(credit=0)
+        attempt_id = _recharge_pending(org_id)
+        errors = _together(
+            lambda: auto_recharge.process_one(gateway, get_settings()),  # type: ignore[arg-type]
+            lambda: _deliver(
+                "payment_intent.payment_failed", _recharge_intent(org_id, attempt_id, "failed")
+            ),
+        )
+        with database.connection_context():
+            account = assert_ledger_invariants(org_id)
+            attempt = AutoRechargeRequest.get_by_id(attempt_id)
+            granted = account.credits_balance
+        consistent = (attempt.status, granted, account.auto_recharge_failure_count) in {
+            (AttemptStatus.succeeded, 20 * DOLLAR, 0),  # the success settled last
+            (AttemptStatus.failed, 0, 1),  # the decline settled first; the worker found none
+        }
+        if errors or not consistent:
+            print(errors, attempt.status, granted, account.auto_recharge_failure_count)
+        return not errors and consistent and account.auto_recharge_in_flight_id is None
+
+    assert _failed_rounds(one_round) == 0
+
+
+def test_concurrent_declines_count_every_failure_and_concurrent_first_cards_keep_the_first():
+    """count_failure and remember_payment_method used to be conditional UPDATEs; they now write
+    through the locked account. Declines of three attempts reported together must count three
+    (the limit: auto-recharge turns off), and two first cards reported together must leave
+    exactly one of them saved (a saved, non-failing card is never replaced)."""
+    _postgres_only()
+    limit = get_settings().auto_recharge_max_failures
+
+    def one_round() -> bool:
+        org_id = _new_org(credit=0)
+        first_attempt = _recharge_pending(org_id)
+        attempts = [first_attempt]
+        with database.connection_context():
+            for _ in range(limit - 1):
+                attempts.append(str(uuid.uuid4()))
+                AutoRechargeRequest.create(
+                    id=attempts[-1], organization=org_id, amount=20 * DOLLAR, status="processing"
+                )
+            BillingAccount.update(stripe_payment_method_id=None).where(
+                BillingAccount.organization == org_id
+            ).execute()
+        cards = [f"pm_first_{i}" for i in range(2)]
+        errors = _together(
+            *(
+                lambda a=a: _deliver(
+                    "payment_intent.payment_failed", _recharge_intent(org_id, a, "failed")
+                )
+                for a in attempts
+            ),
+            *(
+                lambda c=c: _deliver(
+                    "payment_intent.succeeded",
+                    {
+                        **ev.top_up_intent(org_id, pi=f"pi_{c}_{org_id[:8]}", cents=0),
+                        "payment_method": c,
+                    },
+                )
+                for c in cards
+            ),
+        )
+        with database.connection_context():
+            account = assert_ledger_invariants(org_id)
+            failed = AutoRechargeRequest.select().where(
+                (AutoRechargeRequest.organization == org_id)
+                & (AutoRechargeRequest.status == "failed")
+            )
+        ok = (
+            not errors
+            and failed.count() == limit
+            and account.auto_recharge_failure_count == limit
+            and account.auto_recharge_enabled is False
+            and account.auto_recharge_in_flight_id is None
+            and account.stripe_payment_method_id in cards
+        )
+        if not ok:
+            print(errors, failed.count(), account.__data__)
+        return ok
+
+    assert _failed_rounds(one_round) == 0
