@@ -312,9 +312,9 @@ def _payment_succeeded(event: Event, intent: PaymentIntent, account: BillingAcco
     failures that let a new card replace a failing one), and auto-recharge re-evaluated after
     them, on the balance this payment leaves: a top-up or recharge paid with the first or a
     new card must not also request a recharge its own credit covers."""
-    new_card = bool(intent.payment_method) and auto_recharge.save_payment_method(
-        account, str(intent.payment_method)
-    )
+    new_card = False
+    if intent.payment_method:
+        new_card = auto_recharge.save_payment_method(account, intent.payment_method)
     outcome = _payment_effects(intent, account)
     if new_card:
         recharge_policy.request_if_due(account)
