@@ -366,11 +366,20 @@ def remember_payment_method(account: BillingAccount, payment_method_id: str) -> 
     """A successful payment's card becomes the one auto-recharge uses, if none is saved or
     the saved one has been failing; a new card re-evaluates auto-recharge at once. On the
     organization's locked account."""
+    if save_payment_method(account, payment_method_id):
+        recharge_policy.request_if_due(account)
+
+
+def save_payment_method(account: BillingAccount, payment_method_id: str) -> bool:
+    """`remember_payment_method` without the re-evaluation: whether the card was saved. For a
+    caller that must first apply what the same payment bought (a webhook: the top-up or the
+    recharge it credits), then re-evaluate on the balance it leaves."""
     saved = account.stripe_payment_method_id
     if saved is None or (account.auto_recharge_failure_count > 0 and saved != payment_method_id):
         account.stripe_payment_method_id = payment_method_id
         account.save(only=[BillingAccount.stripe_payment_method_id])
-        recharge_policy.request_if_due(account)
+        return True
+    return False
 
 
 def pending_action(organization_id: str) -> RequiresAction | None:

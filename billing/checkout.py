@@ -27,6 +27,7 @@ from models import (
     CheckoutStatus,
     CreditEntryType,
     SubscriptionStatus,
+    locked,
     utcnow,
 )
 
@@ -189,15 +190,16 @@ def complete_local_checkout(organization_id: str) -> CheckoutSession:
     """Local billing mode: finish the newest open session as Stripe's webhooks would. One
     unit of work."""
     with locked_account(organization_id) as account:
-        session = (
+        # Locked as `pay` locks it: a Cancel on the page (the session's lock only) either
+        # commits first, and the session is no longer open here, or waits for this unit.
+        session = locked(
             CheckoutSession.select()
             .where(
                 (CheckoutSession.organization == organization_id)
                 & (CheckoutSession.status == CheckoutStatus.open)
             )
             .order_by(CheckoutSession.created_at.desc(), CheckoutSession.id.desc())
-            .first()
-        )
+        ).first()
         if session is None:
             raise NotFound("no open local checkout for this organization")
         return complete_local_session(account, session)

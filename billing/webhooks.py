@@ -308,10 +308,22 @@ def _checkout_completed(event: Event, session: CheckoutSession, account: Billing
 
 
 def _payment_succeeded(event: Event, intent: PaymentIntent, account: BillingAccount) -> str:
+    """The payment's card is saved (before its effects: a recharge's success resets the
+    failures that let a new card replace a failing one), and auto-recharge re-evaluated after
+    them, on the balance this payment leaves: a top-up or recharge paid with the first or a
+    new card must not also request a recharge its own credit covers."""
+    new_card = False
+    if intent.payment_method:
+        new_card = auto_recharge.save_payment_method(account, intent.payment_method)
+    outcome = _payment_effects(intent, account)
+    if new_card:
+        recharge_policy.request_if_due(account)
+    return outcome
+
+
+def _payment_effects(intent: PaymentIntent, account: BillingAccount) -> str:
     kind = intent.metadata.get("kind")
     cents = intent.amount_received or intent.amount or 0
-    if intent.payment_method:
-        auto_recharge.remember_payment_method(account, intent.payment_method)
     if intent.currency not in (None, SETTLEMENT_CURRENCY):
         if kind == PaymentKind.auto_recharge:
             log.warning("auto-recharge %s settled in %s: not credited", intent.id, intent.currency)
