@@ -4,6 +4,8 @@ by keyword) and the rows they write."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from prometheus_client import REGISTRY
 
@@ -86,12 +88,14 @@ def test_a_debit_of_zero_is_recorded():
 def test_the_balance_and_the_months_spend_never_overflow():
     org_id = new_org()
     ledger.grant(org_id, INT64_MAX, "adjustment")
-    with pytest.raises(InvalidRequest, match="balance would overflow"):
+    with pytest.raises(InvalidRequest) as raised:
         ledger.grant(org_id, 1, "adjustment")
+    assert raised.value.detail == "the balance would overflow"
     ledger.debit(org_id, INT64_MAX)  # the month's spend is now INT64_MAX
     ledger.grant(org_id, 1, "adjustment")
-    with pytest.raises(InvalidRequest, match="month's spend would overflow"):
+    with pytest.raises(InvalidRequest) as raised:
         ledger.debit(org_id, 1)
+    assert raised.value.detail == "the month's spend would overflow"
     assert (account(org_id).credits_balance, account(org_id).month_spend) == (1, INT64_MAX)
 
 
@@ -253,6 +257,21 @@ def test_a_cap_counts_only_the_current_months_spend(clock):
     assert account(org_id).month_spend == 100
 
 
+def test_an_entry_is_stamped_now_unless_the_clock_is_behind_the_running_month(clock):
+    """A worker whose clock is behind the month its account's spend already counts in stamps
+    its entry at that month's start (so the month's spend is not reset); otherwise now."""
+    org_id = new_org(1_000)
+    clock.set(dt.datetime(2026, 12, 1, 0, 0, 5))
+    ledger.debit(org_id, 100)
+    clock.set(dt.datetime(2026, 12, 15, 12, 0))
+    assert ledger.debit(org_id, 10).entry.created_at == dt.datetime(2026, 12, 15, 12, 0)
+    clock.set(dt.datetime(2026, 11, 30, 23, 59, 58))
+    behind = ledger.debit(org_id, 50)
+    assert behind.entry.created_at == dt.datetime(2026, 12, 1)
+    assert CreditEntry.get_by_id(behind.entry.id).created_at == dt.datetime(2026, 12, 1)
+    assert (account(org_id).spend_month, account(org_id).month_spend) == ("2026-12", 160)
+
+
 # --- adjustments -------------------------------------------------------------------------
 
 
@@ -311,7 +330,7 @@ def test_take_back_takes_what_is_available_after_holds_never_below_zero():
     first = ledger.take_back(
         org_id, 900, "refund", reason="refund", reference_id="ch_1", idempotency_ref="refund:1"
     )
-    assert first.entry is not None and first.entry.amount == -700 and not first.replayed
+    assert first.entry is not None and first.entry.amount == -700 and first.replayed is False
     assert (first.entry.reason, first.entry.reference_id) == ("refund", "ch_1")
     again = ledger.take_back(
         org_id, 900, "refund", reason="refund", reference_id="ch_1", idempotency_ref="refund:1"
@@ -479,6 +498,7 @@ def test_a_reservation_of_another_organization_is_not_found():
 
 def test_share_of_is_clamped_to_whole_billionths():
     assert ledger.share_of(1, 3) == 333_333_333
+    assert ledger.share_of(1, 1) == ledger.SHARE_WHOLE
     assert ledger.share_of(3, 3) == ledger.SHARE_WHOLE
     assert ledger.share_of(4, 3) == ledger.SHARE_WHOLE
     assert ledger.share_of(0, 3) == ledger.share_of(-1, 3) == 0
@@ -514,6 +534,7 @@ def test_a_top_up_is_recorded_and_granted_once():
         org_id, "pi_1", 1_000, charged_currency="usd", charged_amount=10, charge_id="ch_1"
     )
     assert (first.granted_now, first.reversed_now) == (1_000, 0)
+    assert first.payment is not None and first.payment.id == "pi_1"
     again = top_up(org_id, "pi_1", 1_000, charged_currency="eur", charged_amount=99)
     assert (again.granted_now, again.reversed_now) == (0, 0)
     payment = StripePayment.get_by_id("pi_1")
@@ -588,7 +609,7 @@ def test_refunds_take_back_the_cumulative_share_once():
     org_id = new_org()
     top_up(org_id, "pi_2", 1_000, charge_id="ch_2")
     half = refund(org_id, "pi_2", HALF, "re_1")
-    assert half.reversed_now == 500
+    assert (half.granted_now, half.reversed_now) == (0, 500)
     assert refund(org_id, "pi_2", HALF, "re_1").reversed_now == 0  # the same share again
     assert refund(org_id, "pi_2", HALF // 2, "re_0").reversed_now == 0  # a lower share
     rest = refund(org_id, "pi_2", 2 * ledger.SHARE_WHOLE, "re_2")  # clamped to the whole
@@ -609,6 +630,7 @@ def test_disputes_add_their_shares_and_never_take_more_than_was_granted():
     top_up(org_id, "pi_3", 1_000)
     assert dispute(org_id, "pi_3", HALF, "dp_1").reversed_now == 500
     assert dispute(org_id, "pi_3", -HALF, "dp_neg").reversed_now == 0  # a negative share adds 0
+    assert StripePayment.get_by_id("pi_3").disputed_share == HALF
     assert refund(org_id, "pi_3", HALF, "re_1").reversed_now == 500  # 1/2 + 1/2: all of it
     assert dispute(org_id, "pi_3", HALF, "dp_2").reversed_now == 0  # never past the grant
     payment = StripePayment.get_by_id("pi_3")
@@ -673,3 +695,70 @@ def test_a_legacy_grant_completes_a_payment_row_made_by_an_early_refund():
     assert outcome.granted_now == 0 and outcome.reversed_now == 300
     payment = StripePayment.get_by_id("pi_mix")
     assert (payment.granted_amount, payment.reversed_amount) == (600, 300)
+
+
+def test_a_positive_adjustment_applies_even_to_an_overdrawn_account():
+    org_id = new_org(100)
+    ledger.debit(org_id, 150, overdraft=50)
+    assert ledger.adjust(org_id, 1, reason="goodwill").balance == -49
+
+
+def test_a_reversal_takes_whole_credits_down_to_a_single_one():
+    org_id = new_org()
+    top_up(org_id, "pi_third", 1_000)
+    assert refund(org_id, "pi_third", ledger.share_of(1, 3), "re_third").reversed_now == 333
+    top_up(org_id, "pi_one", 1_000)
+    assert refund(org_id, "pi_one", ledger.share_of(1, 1_000), "re_one").reversed_now == 1
+    amounts = [e.amount for e in entries(org_id) if e.entry_type == "refund"]
+    assert amounts == [-333, -1]
+    assert account(org_id).credits_balance == 2_000 - 334
+
+
+def test_a_reversal_on_an_empty_account_takes_nothing():
+    org_id = new_org()
+    top_up(org_id, "pi_spent", 1_000)
+    ledger.debit(org_id, 1_000)
+    outcome = refund(org_id, "pi_spent", ledger.SHARE_WHOLE, "re_spent")
+    assert outcome.reversed_now == 0 and account(org_id).credits_balance == 0
+    assert [e.entry_type for e in entries(org_id)] == ["top_up", "charge"]
+
+
+def test_each_payment_settles_against_its_own_reversals():
+    org_id = new_org()
+    top_up(org_id, "pi_a", 1_000)
+    assert refund(org_id, "pi_a", HALF, "re_a").reversed_now == 500
+    top_up(org_id, "pi_b", 1_000)
+    assert refund(org_id, "pi_b", HALF, "re_b").reversed_now == 500
+
+
+def test_a_repeated_payment_report_does_not_collect_a_forgiven_shortfall():
+    org_id = new_org()
+    top_up(org_id, "pi_s", 1_000)
+    ledger.debit(org_id, 700)
+    assert refund(org_id, "pi_s", ledger.SHARE_WHOLE, "re_s").reversed_now == 300
+    top_up(org_id, "pi_new", 1_000)
+    again = top_up(org_id, "pi_s", 1_000)  # the same payment reported again
+    assert (again.granted_now, again.reversed_now) == (0, 0)
+    assert account(org_id).credits_balance == 1_000
+
+
+def test_the_order_and_the_charge_on_record_are_kept_by_later_reports():
+    org_id = new_org()
+    refund(org_id, "pi_k", HALF, "re_k")
+    ledger.reverse_payment(
+        org_id,
+        "pi_k",
+        kind=ledger.ReversalKind.refund,
+        share=HALF,
+        reference_id="re_k",
+        charge_id="ch_k",
+    )
+    assert StripePayment.get_by_id("pi_k").charge_id == "ch_k"
+    ledger.credit_payment(org_id, "pi_k", kind=ledger.PaymentKind.top_up, ordered=1_000)
+    ledger.credit_payment(
+        org_id, "pi_k", kind=ledger.PaymentKind.top_up, ordered=None, grant_amount=1_000
+    )
+    payment = StripePayment.get_by_id("pi_k")
+    assert (payment.ordered_amount, payment.charge_id) == (1_000, "ch_k")
+    refund_entry = entries(org_id)[-1]
+    assert (refund_entry.amount, refund_entry.reference_id) == (-500, "ch_k")
