@@ -21,6 +21,7 @@ from models import (
     StripePayment,
     utcnow,
 )
+from tests import units
 from tests.ledger_checks import assert_ledger_invariants
 
 pytestmark = pytest.mark.usefixtures("conn")
@@ -31,7 +32,7 @@ HALF = ledger.SHARE_WHOLE // 2
 def new_org(balance: int = 0) -> str:
     org_id = create_organization("ledger-mutants").id
     if balance:
-        ledger.grant(org_id, balance, "top_up", reason="seed")
+        units.grant(org_id, balance, "top_up", reason="seed")
     return org_id
 
 
@@ -64,7 +65,7 @@ def recharges(org_id: str) -> int:
 
 def test_amount_bounds_and_their_messages():
     org_id = new_org()
-    assert ledger.grant(org_id, INT64_MAX, "adjustment").balance == INT64_MAX
+    assert units.grant(org_id, INT64_MAX, "adjustment").balance == INT64_MAX
     for bad, detail in (
         (0, f"amount must be from 1 to {INT64_MAX}"),
         (INT64_MAX + 1, f"amount must be from 1 to {INT64_MAX}"),
@@ -72,50 +73,50 @@ def test_amount_bounds_and_their_messages():
         (2.0, "amount must be an integer number of decimillicents"),
     ):
         with pytest.raises(InvalidRequest) as raised:
-            ledger.grant(org_id, bad, "adjustment")
+            units.grant(org_id, bad, "adjustment")
         assert raised.value.detail == detail
     with pytest.raises(InvalidRequest) as raised:
-        ledger.debit(org_id, -1)
+        units.debit(org_id, -1)
     assert raised.value.detail == f"amount must be from 0 to {INT64_MAX}"
 
 
 def test_a_debit_of_zero_is_recorded():
     org_id = new_org(10)
-    result = ledger.debit(org_id, 0, reason="free")
+    result = units.debit(org_id, 0, reason="free")
     assert result.entry is not None and result.entry.amount == 0 and result.balance == 10
 
 
 def test_the_balance_and_the_months_spend_never_overflow():
     org_id = new_org()
-    ledger.grant(org_id, INT64_MAX, "adjustment")
+    units.grant(org_id, INT64_MAX, "adjustment")
     with pytest.raises(InvalidRequest) as raised:
-        ledger.grant(org_id, 1, "adjustment")
+        units.grant(org_id, 1, "adjustment")
     assert raised.value.detail == "the balance would overflow"
-    ledger.debit(org_id, INT64_MAX)  # the month's spend is now INT64_MAX
-    ledger.grant(org_id, 1, "adjustment")
+    units.debit(org_id, INT64_MAX)  # the month's spend is now INT64_MAX
+    units.grant(org_id, 1, "adjustment")
     with pytest.raises(InvalidRequest) as raised:
-        ledger.debit(org_id, 1)
+        units.debit(org_id, 1)
     assert raised.value.detail == "the month's spend would overflow"
     assert (account(org_id).credits_balance, account(org_id).month_spend) == (1, INT64_MAX)
 
 
 def test_the_balance_may_reach_minus_int64_max_through_an_overdraft():
     org_id = new_org()
-    assert ledger.debit(org_id, INT64_MAX, overdraft=INT64_MAX).balance == -INT64_MAX
+    assert units.debit(org_id, INT64_MAX, overdraft=INT64_MAX).balance == -INT64_MAX
 
 
 def test_entry_types_are_checked_with_a_message_naming_them():
     org_id = new_org(100)
     with pytest.raises(InvalidRequest) as raised:
-        ledger.grant(org_id, 1, "charge")
+        units.grant(org_id, 1, "charge")
     assert raised.value.detail == "charge is not a credit entry type"
     with pytest.raises(InvalidRequest) as raised:
-        ledger.debit(org_id, 1, "top_up")
+        units.debit(org_id, 1, "top_up")
     assert raised.value.detail == "top_up is not a debit entry type"
     for entry_type in sorted(ledger.CREDIT_TYPES):
-        assert ledger.grant(org_id, 1, entry_type).entry.entry_type == entry_type
+        assert units.grant(org_id, 1, entry_type).entry.entry_type == entry_type
     for entry_type in sorted(ledger.DEBIT_TYPES):
-        assert ledger.debit(org_id, 1, entry_type).entry.entry_type == entry_type
+        assert units.debit(org_id, 1, entry_type).entry.entry_type == entry_type
 
 
 # --- entries: what each operation writes ---------------------------------------------------
@@ -123,10 +124,10 @@ def test_entry_types_are_checked_with_a_message_naming_them():
 
 def test_grant_and_debit_write_what_they_were_given():
     org_id = new_org()
-    granted = ledger.grant(
+    granted = units.grant(
         org_id, 500, "top_up", reason="bought", reference_id="cs_1", idempotency_ref="topup:cs_1"
     )
-    debited = ledger.debit(
+    debited = units.debit(
         org_id, 200, reason="work", reference_id="job-1", idempotency_ref="debit:job-1"
     )
     rows = [
@@ -143,25 +144,25 @@ def test_grant_and_debit_write_what_they_were_given():
 
 def test_a_replay_returns_the_first_entry_and_the_current_totals():
     org_id = new_org(1_000)
-    first = ledger.debit(org_id, 100, idempotency_ref="d1")
-    ledger.reserve(org_id, 50, "hold")
-    again = ledger.debit(org_id, 100, idempotency_ref="d1")
+    first = units.debit(org_id, 100, idempotency_ref="d1")
+    ledger.reserve(org_id, 50, reference_id="hold")
+    again = units.debit(org_id, 100, idempotency_ref="d1")
     assert again.replayed is True and again.entry is not None
     assert again.entry.id == first.entry.id
     assert (again.balance, again.reserved) == (900, 50)
-    grant = ledger.grant(org_id, 5, "adjustment", idempotency_ref="g1")
-    grant_again = ledger.grant(org_id, 5, "adjustment", idempotency_ref="g1")
+    grant = units.grant(org_id, 5, "adjustment", idempotency_ref="g1")
+    grant_again = units.grant(org_id, 5, "adjustment", idempotency_ref="g1")
     assert grant_again.replayed and grant_again.entry.id == grant.entry.id
     assert grant_again.balance == 905
 
 
 def test_a_reference_of_another_organization_is_a_conflict_that_says_so():
     org_id, other = new_org(100), new_org(100)
-    ledger.debit(org_id, 1, idempotency_ref="mine")
+    units.debit(org_id, 1, idempotency_ref="mine")
     for action in (
-        lambda: ledger.debit(other, 1, idempotency_ref="mine"),
-        lambda: ledger.grant(other, 1, "adjustment", idempotency_ref="mine"),
-        lambda: ledger.adjust(other, -1, reason="x", idempotency_ref="mine"),
+        lambda: units.debit(other, 1, idempotency_ref="mine"),
+        lambda: units.grant(other, 1, "adjustment", idempotency_ref="mine"),
+        lambda: units.adjust(other, -1, reason="x", idempotency_ref="mine"),
     ):
         with pytest.raises(Conflict) as raised:
             action()
@@ -182,24 +183,24 @@ def test_ledger_entries_and_refusals_are_counted_by_type_and_reason():
         "held": sample("billing_ledger_refusals_total", reason="suspended"),
         "failed": sample("billing_ledger_refusals_total", reason="payment_failed"),
     }
-    ledger.grant(org_id, 100, "welcome_grant")
-    ledger.debit(org_id, 10)
+    units.grant(org_id, 100, "welcome_grant")
+    units.debit(org_id, 10)
     with pytest.raises(PaymentRequired):
-        ledger.debit(org_id, 1_000)
+        units.debit(org_id, 1_000)
     BillingAccount.update(usage_cap=10).where(BillingAccount.organization == org_id).execute()
     with pytest.raises(PaymentRequired):
-        ledger.debit(org_id, 1)
+        units.debit(org_id, 1)
     BillingAccount.update(suspended_at=utcnow()).where(
         BillingAccount.organization == org_id
     ).execute()
     for _ in range(2):
         with pytest.raises(PaymentRequired):
-            ledger.debit(org_id, 1)
+            units.debit(org_id, 1)
     BillingAccount.update(suspended_at=None, payment_grace_period_ends_at=utcnow()).where(
         BillingAccount.organization == org_id
     ).execute()
     with pytest.raises(PaymentRequired) as raised:
-        ledger.reserve(org_id, 1, "r")
+        ledger.reserve(org_id, 1, reference_id="r")
     assert raised.value.detail == "a payment failed; update the payment method to continue"
     after = {
         "grant": sample("billing_ledger_entries_total", entry_type="welcome_grant"),
@@ -225,35 +226,35 @@ def test_ledger_entries_and_refusals_are_counted_by_type_and_reason():
 def test_each_refusal_has_its_reason_and_the_edges_are_allowed():
     org_id = new_org(1_000)
     BillingAccount.update(usage_cap=600).where(BillingAccount.organization == org_id).execute()
-    ledger.reserve(org_id, 100, "hold")  # counts toward the cap and against available
-    ledger.debit(org_id, 500)  # 500 spent + 100 held = exactly the cap
+    ledger.reserve(org_id, 100, reference_id="hold")  # counts toward the cap and against available
+    units.debit(org_id, 500)  # 500 spent + 100 held = exactly the cap
     with pytest.raises(PaymentRequired) as raised:
-        ledger.debit(org_id, 1)
+        units.debit(org_id, 1)
     assert raised.value.detail == "this would exceed the usage cap for the current period"
     BillingAccount.update(usage_cap=None).where(BillingAccount.organization == org_id).execute()
-    ledger.debit(org_id, 400)  # available 500 - 100 held: exactly all of it
+    units.debit(org_id, 400)  # available 500 - 100 held: exactly all of it
     with pytest.raises(PaymentRequired) as raised:
-        ledger.debit(org_id, 1)
+        units.debit(org_id, 1)
     assert raised.value.detail == "not enough available credits"
-    assert ledger.debit(org_id, 1, overdraft=1).balance == 99
+    assert units.debit(org_id, 1, overdraft=1).balance == 99
     with pytest.raises(PaymentRequired):
-        ledger.debit(org_id, 1, overdraft=1)
+        units.debit(org_id, 1, overdraft=1)
     BillingAccount.update(suspended_at=utcnow()).where(
         BillingAccount.organization == org_id
     ).execute()
     with pytest.raises(PaymentRequired) as raised:
-        ledger.debit(org_id, 0)
+        units.debit(org_id, 0)
     assert raised.value.detail == "the organization is suspended"
 
 
 def test_a_cap_counts_only_the_current_months_spend(clock):
     org_id = new_org(1_000)
     BillingAccount.update(usage_cap=100).where(BillingAccount.organization == org_id).execute()
-    ledger.debit(org_id, 100)
+    units.debit(org_id, 100)
     with pytest.raises(PaymentRequired):
-        ledger.debit(org_id, 1)
+        units.debit(org_id, 1)
     clock.advance(days=31)
-    assert ledger.debit(org_id, 100).balance == 800
+    assert units.debit(org_id, 100).balance == 800
     assert account(org_id).month_spend == 100
 
 
@@ -262,11 +263,11 @@ def test_an_entry_is_stamped_now_unless_the_clock_is_behind_the_running_month(cl
     its entry at that month's start (so the month's spend is not reset); otherwise now."""
     org_id = new_org(1_000)
     clock.set(dt.datetime(2026, 12, 1, 0, 0, 5))
-    ledger.debit(org_id, 100)
+    units.debit(org_id, 100)
     clock.set(dt.datetime(2026, 12, 15, 12, 0))
-    assert ledger.debit(org_id, 10).entry.created_at == dt.datetime(2026, 12, 15, 12, 0)
+    assert units.debit(org_id, 10).entry.created_at == dt.datetime(2026, 12, 15, 12, 0)
     clock.set(dt.datetime(2026, 11, 30, 23, 59, 58))
-    behind = ledger.debit(org_id, 50)
+    behind = units.debit(org_id, 50)
     assert behind.entry.created_at == dt.datetime(2026, 12, 1)
     assert CreditEntry.get_by_id(behind.entry.id).created_at == dt.datetime(2026, 12, 1)
     assert (account(org_id).spend_month, account(org_id).month_spend) == ("2026-12", 160)
@@ -277,12 +278,12 @@ def test_an_entry_is_stamped_now_unless_the_clock_is_behind_the_running_month(cl
 
 def test_adjustments_write_their_reason_and_apply_once_both_ways():
     org_id = new_org()
-    up = ledger.adjust(org_id, 1, reason="goodwill", idempotency_ref="adj:up")
-    up_again = ledger.adjust(org_id, 1, reason="goodwill", idempotency_ref="adj:up")
-    ledger.grant(org_id, 99, "top_up")
-    down = ledger.adjust(org_id, -40, reason="correction", idempotency_ref="adj:down")
-    ledger.reserve(org_id, 10, "hold")
-    down_again = ledger.adjust(org_id, -40, reason="correction", idempotency_ref="adj:down")
+    up = units.adjust(org_id, 1, reason="goodwill", idempotency_ref="adj:up")
+    up_again = units.adjust(org_id, 1, reason="goodwill", idempotency_ref="adj:up")
+    units.grant(org_id, 99, "top_up")
+    down = units.adjust(org_id, -40, reason="correction", idempotency_ref="adj:down")
+    ledger.reserve(org_id, 10, reference_id="hold")
+    down_again = units.adjust(org_id, -40, reason="correction", idempotency_ref="adj:down")
     assert (up.replayed, up_again.replayed, down.replayed, down_again.replayed) == (
         False,
         True,
@@ -301,14 +302,14 @@ def test_adjustments_write_their_reason_and_apply_once_both_ways():
 
 def test_a_negative_adjustment_may_use_exactly_the_available_credit_and_overdraft():
     org_id = new_org(100)
-    ledger.reserve(org_id, 30, "hold")
+    ledger.reserve(org_id, 30, reference_id="hold")
     with pytest.raises(PaymentRequired) as raised:
-        ledger.adjust(org_id, -71, reason="too much")
+        units.adjust(org_id, -71, reason="too much")
     assert raised.value.detail == "not enough available credits"
-    assert ledger.adjust(org_id, -70, reason="all of it").balance == 30
-    assert ledger.adjust(org_id, -5, reason="into overdraft", overdraft=5).balance == 25
+    assert units.adjust(org_id, -70, reason="all of it").balance == 30
+    assert units.adjust(org_id, -5, reason="into overdraft", overdraft=5).balance == 25
     with pytest.raises(PaymentRequired):
-        ledger.adjust(org_id, -1, reason="past overdraft", overdraft=5)
+        units.adjust(org_id, -1, reason="past overdraft", overdraft=5)
     assert_ledger_invariants(org_id, overdraft=5)
 
 
@@ -316,7 +317,7 @@ def test_a_negative_adjustment_may_use_exactly_the_available_credit_and_overdraf
 def test_an_adjustment_must_be_a_non_zero_integer(amount):
     org_id = new_org(100)
     with pytest.raises(InvalidRequest) as raised:
-        ledger.adjust(org_id, amount, reason="x")
+        units.adjust(org_id, amount, reason="x")
     assert raised.value.detail == "an adjustment must be a non-zero integer"
     assert len(entries(org_id)) == 1
 
@@ -326,17 +327,17 @@ def test_an_adjustment_must_be_a_non_zero_integer(amount):
 
 def test_take_back_takes_what_is_available_after_holds_never_below_zero():
     org_id = new_org(1_000)
-    ledger.reserve(org_id, 300, "hold")
-    first = ledger.take_back(
+    ledger.reserve(org_id, 300, reference_id="hold")
+    first = units.take_back(
         org_id, 900, "refund", reason="refund", reference_id="ch_1", idempotency_ref="refund:1"
     )
     assert first.entry is not None and first.entry.amount == -700 and first.replayed is False
     assert (first.entry.reason, first.entry.reference_id) == ("refund", "ch_1")
-    again = ledger.take_back(
+    again = units.take_back(
         org_id, 900, "refund", reason="refund", reference_id="ch_1", idempotency_ref="refund:1"
     )
     assert again.replayed and again.entry is not None and again.entry.id == first.entry.id
-    nothing = ledger.take_back(
+    nothing = units.take_back(
         org_id, 50, "dispute", reason="lost", reference_id="dp_1", idempotency_ref="dispute:1"
     )
     assert nothing.entry is not None and nothing.entry.amount == 0
@@ -345,8 +346,8 @@ def test_take_back_takes_what_is_available_after_holds_never_below_zero():
 
 def test_take_back_from_an_overdrawn_account_takes_nothing():
     org_id = new_org(100)
-    ledger.debit(org_id, 150, overdraft=50)
-    result = ledger.take_back(
+    units.debit(org_id, 150, overdraft=50)
+    result = units.take_back(
         org_id, 10, "refund", reason="r", reference_id="ch", idempotency_ref="refund:o"
     )
     assert result.entry is not None and result.entry.amount == 0 and result.balance == -50
@@ -357,7 +358,7 @@ def test_take_back_from_an_overdrawn_account_takes_nothing():
 
 def test_a_reservation_holds_once_and_answers_with_the_totals():
     org_id = new_org(1_000)
-    held = ledger.reserve(org_id, 300, "job")
+    held = ledger.reserve(org_id, 300, reference_id="job")
     assert (held.balance, held.reserved, held.replayed) == (1_000, 300, False)
     stored = Reservation.get_by_id(held.reservation.id)
     assert (stored.organization_id, stored.amount, stored.reference_id, stored.status) == (
@@ -366,36 +367,38 @@ def test_a_reservation_holds_once_and_answers_with_the_totals():
         "job",
         "open",
     )
-    again = ledger.reserve(org_id, 300, "job")
+    again = ledger.reserve(org_id, 300, reference_id="job")
     assert again.replayed and again.reservation.id == held.reservation.id
     assert (again.balance, again.reserved) == (1_000, 300)
     with pytest.raises(Conflict) as raised:
-        ledger.reserve(org_id, 301, "job")
+        ledger.reserve(org_id, 301, reference_id="job")
     assert raised.value.detail == "this reservation reference was used with another amount"
     other = new_org(1_000)
-    assert not ledger.reserve(other, 5, "job").replayed  # references are per organization
+    assert not ledger.reserve(
+        other, 5, reference_id="job"
+    ).replayed  # references are per organization
     assert account(org_id).reserved_credits == 300
 
 
 def test_a_reservation_may_hold_exactly_what_is_available_and_use_the_overdraft():
     org_id = new_org(100)
     with pytest.raises(PaymentRequired):
-        ledger.reserve(org_id, 101, "too-much")
-    ledger.reserve(org_id, 100, "all")
-    ledger.reserve(org_id, 20, "overdraft", overdraft=20)
+        ledger.reserve(org_id, 101, reference_id="too-much")
+    ledger.reserve(org_id, 100, reference_id="all")
+    ledger.reserve(org_id, 20, reference_id="overdraft", overdraft=20)
     with pytest.raises(PaymentRequired):
-        ledger.reserve(org_id, 1, "past", overdraft=20)
+        ledger.reserve(org_id, 1, reference_id="past", overdraft=20)
     assert account(org_id).reserved_credits == 120
 
 
 def test_holding_or_finalizing_below_the_threshold_requests_a_recharge():
     org_id = new_org(1_000)
     with_saved_card(org_id, threshold=500)
-    held = ledger.reserve(org_id, 400, "job")
+    held = ledger.reserve(org_id, 400, reference_id="job")
     assert recharges(org_id) == 0
     other = new_org(1_000)
     with_saved_card(other, threshold=500)
-    ledger.reserve(other, 600, "big")
+    ledger.reserve(other, 600, reference_id="big")
     assert recharges(other) == 1
     ledger.finalize_reservation(org_id, held.reservation.id, 600)  # available 400 < 500
     assert recharges(org_id) == 1
@@ -403,7 +406,7 @@ def test_holding_or_finalizing_below_the_threshold_requests_a_recharge():
 
 def test_finalizing_charges_the_actual_amount_and_records_how():
     org_id = new_org(1_000)
-    held = ledger.reserve(org_id, 300, "job-7")
+    held = ledger.reserve(org_id, 300, reference_id="job-7")
     done = ledger.finalize_reservation(org_id, held.reservation.id, 250)
     assert (done.balance, done.reserved, done.replayed) == (750, 0, False)
     stored = Reservation.get_by_id(held.reservation.id)
@@ -432,15 +435,15 @@ def test_finalizing_charges_the_actual_amount_and_records_how():
 
 def test_finalizing_above_the_hold_checks_only_what_is_then_available():
     org_id = new_org(1_000)
-    ledger.reserve(org_id, 200, "other")
-    held = ledger.reserve(org_id, 300, "job")
+    ledger.reserve(org_id, 200, reference_id="other")
+    held = ledger.reserve(org_id, 300, reference_id="job")
     with pytest.raises(PaymentRequired):
         ledger.finalize_reservation(org_id, held.reservation.id, 801)
     assert account(org_id).reserved_credits == 500  # the refused finalize changed nothing
     done = ledger.finalize_reservation(org_id, held.reservation.id, 800)
     assert (done.balance, done.reserved) == (200, 200)
     small = new_org(100)
-    over = ledger.reserve(small, 100, "over")
+    over = ledger.reserve(small, 100, reference_id="over")
     with pytest.raises(PaymentRequired):
         ledger.finalize_reservation(small, over.reservation.id, 106, overdraft=5)
     done = ledger.finalize_reservation(small, over.reservation.id, 105, overdraft=5)
@@ -451,8 +454,8 @@ def test_a_hold_already_checked_may_be_finalized_up_to_its_amount_while_spending
     """The guards applied when the credits were held; finalizing at most the hold (zero
     included) charges what was set aside even if the organization is suspended since."""
     org_id = new_org(1_000)
-    job = ledger.reserve(org_id, 300, "job")
-    nothing = ledger.reserve(org_id, 100, "nothing")
+    job = ledger.reserve(org_id, 300, reference_id="job")
+    nothing = ledger.reserve(org_id, 100, reference_id="nothing")
     BillingAccount.update(suspended_at=utcnow()).where(
         BillingAccount.organization == org_id
     ).execute()
@@ -464,8 +467,8 @@ def test_a_hold_already_checked_may_be_finalized_up_to_its_amount_while_spending
 
 def test_releasing_gives_the_hold_back_once():
     org_id = new_org(1_000)
-    held = ledger.reserve(org_id, 300, "job")
-    ledger.reserve(org_id, 100, "other")
+    held = ledger.reserve(org_id, 300, reference_id="job")
+    ledger.reserve(org_id, 100, reference_id="other")
     released = ledger.release_reservation(org_id, held.reservation.id)
     assert (released.balance, released.reserved, released.replayed) == (1_000, 100, False)
     stored = Reservation.get_by_id(held.reservation.id)
@@ -482,7 +485,7 @@ def test_releasing_gives_the_hold_back_once():
 
 def test_a_reservation_of_another_organization_is_not_found():
     org_id, other = new_org(100), new_org(100)
-    held = ledger.reserve(org_id, 10, "job")
+    held = ledger.reserve(org_id, 10, reference_id="job")
     for action in (
         lambda: ledger.finalize_reservation(other, held.reservation.id, 10),
         lambda: ledger.release_reservation(other, held.reservation.id),
@@ -506,7 +509,7 @@ def test_share_of_is_clamped_to_whole_billionths():
 
 
 def top_up(org_id: str, payment_id: str, amount: int, **fields) -> ledger.PaymentOutcome:
-    return ledger.credit_payment(
+    return units.credit_payment(
         org_id,
         payment_id,
         kind=ledger.PaymentKind.top_up,
@@ -517,13 +520,13 @@ def top_up(org_id: str, payment_id: str, amount: int, **fields) -> ledger.Paymen
 
 
 def refund(org_id: str, payment_id: str, share: int, ref: str) -> ledger.PaymentOutcome:
-    return ledger.reverse_payment(
+    return units.reverse_payment(
         org_id, payment_id, kind=ledger.ReversalKind.refund, share=share, reference_id=ref
     )
 
 
 def dispute(org_id: str, payment_id: str, share: int, ref: str) -> ledger.PaymentOutcome:
-    return ledger.reverse_payment(
+    return units.reverse_payment(
         org_id, payment_id, kind=ledger.ReversalKind.dispute, share=share, reference_id=ref
     )
 
@@ -557,7 +560,7 @@ def test_a_top_up_is_recorded_and_granted_once():
 
 def test_an_auto_recharge_payment_grants_a_recharge_entry():
     org_id = new_org()
-    outcome = ledger.credit_payment(
+    outcome = units.credit_payment(
         org_id, "pi_r", kind=ledger.PaymentKind.auto_recharge, ordered=500, grant_amount=500
     )
     assert outcome.granted_now == 500
@@ -572,7 +575,7 @@ def test_an_auto_recharge_payment_grants_a_recharge_entry():
 
 def test_a_flagged_payment_is_recorded_and_never_credited():
     org_id = new_org()
-    outcome = ledger.credit_payment(
+    outcome = units.credit_payment(
         org_id,
         "pi_f",
         kind=ledger.PaymentKind.top_up,
@@ -643,8 +646,8 @@ def test_disputes_add_their_shares_and_never_take_more_than_was_granted():
 def test_a_reversal_takes_at_most_what_is_available_and_forgives_the_rest():
     org_id = new_org()
     top_up(org_id, "pi_4", 1_000)
-    ledger.debit(org_id, 700)
-    ledger.reserve(org_id, 100, "hold")
+    units.debit(org_id, 700)
+    ledger.reserve(org_id, 100, reference_id="hold")
     assert refund(org_id, "pi_4", HALF, "re_1").reversed_now == 200  # 300 - 100 held
     ledger.release_reservation(org_id, Reservation.get().id)
     top_up(org_id, "pi_other", 1_000)
@@ -671,9 +674,9 @@ def test_a_refund_reported_before_the_payment_applies_when_it_is_credited():
 
 def test_a_grant_made_before_payments_were_tracked_is_found_by_its_reference():
     org_id = new_org()
-    ledger.grant(org_id, 800, "top_up", idempotency_ref="topup:pi_old")
-    ledger.grant(org_id, 400, "recharge", idempotency_ref="recharge:pi_auto")
-    old = ledger.payment_on_record(org_id, "pi_old")
+    units.grant(org_id, 800, "top_up", idempotency_ref="topup:pi_old")
+    units.grant(org_id, 400, "recharge", idempotency_ref="recharge:pi_auto")
+    old = units.payment_on_record(org_id, "pi_old")
     assert old is not None and (old.kind, old.granted_amount, old.ordered_amount) == (
         "top_up",
         800,
@@ -681,7 +684,7 @@ def test_a_grant_made_before_payments_were_tracked_is_found_by_its_reference():
     )
     assert refund(org_id, "pi_auto", HALF, "re_a").reversed_now == 200
     assert StripePayment.get_by_id("pi_auto").kind == "auto_recharge"
-    assert ledger.payment_on_record(org_id, "pi_none") is None
+    assert units.payment_on_record(org_id, "pi_none") is None
     # Crediting a legacy payment again grants nothing more.
     assert top_up(org_id, "pi_old", 800).granted_now == 0
     assert account(org_id).credits_balance == 800 + 400 - 200
@@ -689,7 +692,7 @@ def test_a_grant_made_before_payments_were_tracked_is_found_by_its_reference():
 
 def test_a_legacy_grant_completes_a_payment_row_made_by_an_early_refund():
     org_id = new_org()
-    ledger.grant(org_id, 600, "top_up", idempotency_ref="topup:pi_mix")
+    units.grant(org_id, 600, "top_up", idempotency_ref="topup:pi_mix")
     StripePayment.create(id="pi_mix", organization=org_id, kind="top_up", refunded_share=HALF)
     outcome = top_up(org_id, "pi_mix", 600)
     assert outcome.granted_now == 0 and outcome.reversed_now == 300
@@ -699,8 +702,8 @@ def test_a_legacy_grant_completes_a_payment_row_made_by_an_early_refund():
 
 def test_a_positive_adjustment_applies_even_to_an_overdrawn_account():
     org_id = new_org(100)
-    ledger.debit(org_id, 150, overdraft=50)
-    assert ledger.adjust(org_id, 1, reason="goodwill").balance == -49
+    units.debit(org_id, 150, overdraft=50)
+    assert units.adjust(org_id, 1, reason="goodwill").balance == -49
 
 
 def test_a_reversal_takes_whole_credits_down_to_a_single_one():
@@ -717,7 +720,7 @@ def test_a_reversal_takes_whole_credits_down_to_a_single_one():
 def test_a_reversal_on_an_empty_account_takes_nothing():
     org_id = new_org()
     top_up(org_id, "pi_spent", 1_000)
-    ledger.debit(org_id, 1_000)
+    units.debit(org_id, 1_000)
     outcome = refund(org_id, "pi_spent", ledger.SHARE_WHOLE, "re_spent")
     assert outcome.reversed_now == 0 and account(org_id).credits_balance == 0
     assert [e.entry_type for e in entries(org_id)] == ["top_up", "charge"]
@@ -734,7 +737,7 @@ def test_each_payment_settles_against_its_own_reversals():
 def test_a_repeated_payment_report_does_not_collect_a_forgiven_shortfall():
     org_id = new_org()
     top_up(org_id, "pi_s", 1_000)
-    ledger.debit(org_id, 700)
+    units.debit(org_id, 700)
     assert refund(org_id, "pi_s", ledger.SHARE_WHOLE, "re_s").reversed_now == 300
     top_up(org_id, "pi_new", 1_000)
     again = top_up(org_id, "pi_s", 1_000)  # the same payment reported again
@@ -745,7 +748,7 @@ def test_a_repeated_payment_report_does_not_collect_a_forgiven_shortfall():
 def test_the_order_and_the_charge_on_record_are_kept_by_later_reports():
     org_id = new_org()
     refund(org_id, "pi_k", HALF, "re_k")
-    ledger.reverse_payment(
+    units.reverse_payment(
         org_id,
         "pi_k",
         kind=ledger.ReversalKind.refund,
@@ -754,8 +757,8 @@ def test_the_order_and_the_charge_on_record_are_kept_by_later_reports():
         charge_id="ch_k",
     )
     assert StripePayment.get_by_id("pi_k").charge_id == "ch_k"
-    ledger.credit_payment(org_id, "pi_k", kind=ledger.PaymentKind.top_up, ordered=1_000)
-    ledger.credit_payment(
+    units.credit_payment(org_id, "pi_k", kind=ledger.PaymentKind.top_up, ordered=1_000)
+    units.credit_payment(
         org_id, "pi_k", kind=ledger.PaymentKind.top_up, ordered=None, grant_amount=1_000
     )
     payment = StripePayment.get_by_id("pi_k")

@@ -17,6 +17,7 @@ from billing.organizations import create_organization
 from billing.units import USAGE_QUANTITY_MAX, USAGE_UNIT_COST_MAX
 from billing.usage import CATEGORIES
 from models import AutoRechargeRequest, BillingAccount, CreditEntry, UsageRecord
+from tests import units
 
 pytestmark = pytest.mark.usefixtures("conn")
 
@@ -26,7 +27,7 @@ UNKNOWN_ORG = "00000000-0000-4000-8000-000000000000"
 def funded(amount: int) -> str:
     org_id = create_organization("mutants").id
     if amount:
-        ledger.grant(org_id, amount, "top_up", reason="seed")
+        units.grant(org_id, amount, "top_up", reason="seed")
     return org_id
 
 
@@ -166,7 +167,7 @@ def test_a_batch_of_two_references_recorded_before_is_two_duplicates():
 
 def test_each_outcome_carries_the_totals_after_it_and_only_refusals_and_conflicts_a_detail():
     org_id = funded(1_000)
-    ledger.reserve(org_id, 200, "hold")
+    ledger.reserve(org_id, 200, reference_id="hold")
     events = [
         metering.usage_event(org_id, "api_call", 1, 100, "ok"),
         metering.usage_event(org_id, "api_call", 1, 10_000, "too-big"),
