@@ -169,20 +169,34 @@ def stripe_front(localstripe_url):
     front.close()
 
 
-@pytest.fixture
-def stripe_mode(stripe_front, monkeypatch):
-    """Run the app in Stripe mode against the fixture front and localstripe."""
+def _stripe_settings(monkeypatch, api_base: str, **extra: str) -> Iterator[None]:
+    """Stripe mode's settings (the fixtures' keys, `api_base`, no retries), undone afterwards."""
     from billing.stripe_gateway import get_gateway
     from tests.stripe_fakes import API_KEY, WEBHOOK_SECRET
 
     monkeypatch.setenv("STRIPE_SECRET_KEY", API_KEY)
     monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
-    monkeypatch.setenv("STRIPE_API_BASE", stripe_front.url)
+    monkeypatch.setenv("STRIPE_API_BASE", api_base)
     monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
-    monkeypatch.setenv("STRIPE_TIMEOUT_SECONDS", "5")
+    for name, value in extra.items():
+        monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     get_gateway.cache_clear()
-    yield stripe_front
+    yield
     monkeypatch.undo()
     get_settings.cache_clear()
     get_gateway.cache_clear()
+
+
+@pytest.fixture
+def stripe_mode(stripe_front, monkeypatch):
+    """Run the app in Stripe mode against the fixture front and localstripe."""
+    for _ in _stripe_settings(monkeypatch, stripe_front.url, STRIPE_TIMEOUT_SECONDS="5"):
+        yield stripe_front
+
+
+@pytest.fixture
+def stripe_webhooks_only(monkeypatch):
+    """Stripe mode for webhooks only: the signing secret, and an API base nothing listens on
+    (for tests where receiving an event, or a scripted gateway, never calls Stripe)."""
+    yield from _stripe_settings(monkeypatch, "http://127.0.0.1:9")

@@ -25,27 +25,12 @@ from billing.stripe_gateway import ChargeOutcome
 from billing.units import DOLLAR
 from models import AutoRechargeRequest, BillingAccount, CreditEntry, WebhookEvent, utcnow
 from tests.stripe_events import deliver, signed, top_up_intent
-from tests.stripe_fakes import API_KEY, WEBHOOK_SECRET, stripe_object
+from tests.stripe_fakes import stripe_object
 
 AMOUNT = 20 * DOLLAR
 
 
-@pytest.fixture(autouse=True)
-def stripe_webhooks(monkeypatch):
-    """Stripe mode for webhooks only: the signing secret, and an API base nothing listens on
-    (neither receiving an event nor the scripted worker calls Stripe)."""
-    from billing.stripe_gateway import get_gateway
-
-    monkeypatch.setenv("STRIPE_SECRET_KEY", API_KEY)
-    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
-    monkeypatch.setenv("STRIPE_API_BASE", "http://127.0.0.1:9")
-    monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
-    get_settings.cache_clear()
-    get_gateway.cache_clear()
-    yield
-    monkeypatch.undo()
-    get_settings.cache_clear()
-    get_gateway.cache_clear()
+pytestmark = pytest.mark.usefixtures("stripe_webhooks_only")
 
 
 @pytest.fixture(autouse=True)

@@ -31,25 +31,7 @@ from tests.stripe_events import (
 )
 from tests.stripe_fakes import stripe_object
 
-
-@pytest.fixture(autouse=True)
-def stripe_webhooks(monkeypatch):
-    """Stripe mode for webhooks only: the signing secret, and an API base nothing listens on
-    (receiving an event never calls Stripe)."""
-    from billing.config import get_settings
-    from billing.stripe_gateway import get_gateway
-    from tests.stripe_fakes import API_KEY, WEBHOOK_SECRET
-
-    monkeypatch.setenv("STRIPE_SECRET_KEY", API_KEY)
-    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
-    monkeypatch.setenv("STRIPE_API_BASE", "http://127.0.0.1:9")
-    monkeypatch.setenv("STRIPE_MAX_RETRIES", "0")
-    get_settings.cache_clear()
-    get_gateway.cache_clear()
-    yield
-    monkeypatch.undo()
-    get_settings.cache_clear()
-    get_gateway.cache_clear()
+pytestmark = pytest.mark.usefixtures("stripe_webhooks_only")
 
 
 def receive(event_type: str, obj: dict[str, Any], **kwargs: Any) -> webhooks.WebhookResult:
