@@ -219,6 +219,35 @@ def test_a_drain_handles_at_most_its_limit(org, clock):
     assert fresh(requests[2]).status == "pending"
 
 
+def test_a_claim_whose_lease_ends_now_is_taken_over(org, clock):
+    """A lease is over at its expiry instant: the claim is due again then, not a tick later."""
+    with_card(org.id)
+    request = attempt(org.id, status="processing", attempts=1, lease_expires_at=utcnow())
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_due", failure_reason="no"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    assert gateway.charged == [request.id]
+    assert fresh(request).attempts == 2
+
+
+def test_a_claim_without_a_lease_is_taken_over(org, clock):
+    """A processing attempt with no lease on record (no worker holds it) is due at once."""
+    with_card(org.id)
+    request = attempt(org.id, status="processing", attempts=1, lease_expires_at=None)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_due", failure_reason="no"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    assert gateway.charged == [request.id]
+
+
+def test_a_claim_whose_lease_runs_is_left_alone(org, clock):
+    with_card(org.id)
+    request = attempt(
+        org.id, status="processing", attempts=1, lease_expires_at=utcnow() + dt.timedelta(seconds=1)
+    )
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_due", failure_reason="no"))
+    assert auto_recharge.process_one(gateway, get_settings()) is None
+    unchanged(request)
+
+
 @pytest.mark.parametrize(("claims", "ceiling"), [(1, 30), (3, 120), (6, 960), (8, 1000)])
 @pytest.mark.parametrize("jitter", ["lowest", "highest"])
 def test_the_backoff_doubles_from_the_base_up_to_the_cap_then_jitters_to_half_of_it(
@@ -471,6 +500,56 @@ def test_another_organizations_challenge_is_not_surfaced(org, other_org):
 def test_a_challenge_without_its_client_secret_is_not_surfaced(org, conn):
     attempt(org.id, status="requires_action", stripe_payment_intent_id="pi_no_secret")
     assert auto_recharge.pending_action(org.id) is None
+
+
+def test_a_new_charge_supersedes_the_organizations_open_challenge_only(org, other_org, clock):
+    """A worker charging a newer attempt retires the organization's unanswered 3-D Secure
+    challenge (it is no longer surfaced); another organization's challenge stays open."""
+    with_card(org.id)
+    old = attempt(
+        org.id,
+        status="requires_action",
+        stripe_payment_intent_id="pi_old",
+        client_secret="pi_old_secret",
+    )
+    theirs = attempt(
+        other_org,
+        status="requires_action",
+        stripe_payment_intent_id="pi_theirs",
+        client_secret="pi_theirs_secret",
+    )
+    clock.advance(seconds=1)
+    new = attempt(org.id)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_new", failure_reason="no"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    assert gateway.charged == [new.id]
+    assert fresh(old).status == "superseded"
+    assert fresh(new).status == "failed"
+    assert auto_recharge.pending_action(org.id) is None
+    assert fresh(theirs).status == "requires_action"
+    assert auto_recharge.pending_action(other_org) == auto_recharge.RequiresAction(
+        theirs.id, AMOUNT, "pi_theirs", "pi_theirs_secret"
+    )
+
+
+def test_a_new_challenge_supersedes_the_older_one_not_itself(org, clock):
+    with_card(org.id)
+    old = attempt(
+        org.id,
+        status="requires_action",
+        stripe_payment_intent_id="pi_old",
+        client_secret="pi_old_secret",
+    )
+    clock.advance(seconds=1)
+    new = attempt(org.id)
+    gateway = ScriptedGateway(
+        lambda _id: ChargeOutcome("requires_action", "pi_new", client_secret="pi_new_secret")
+    )
+    assert auto_recharge.process_one(gateway, get_settings()) == "requires_action"
+    assert fresh(old).status == "superseded"
+    assert auto_recharge.pending_action(org.id) == auto_recharge.RequiresAction(
+        new.id, AMOUNT, "pi_new", "pi_new_secret"
+    )
 
 
 # --- the worker loop ------------------------------------------------------------------------
