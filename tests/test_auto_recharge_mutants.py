@@ -248,6 +248,29 @@ def test_a_claim_whose_lease_runs_is_left_alone(org, clock):
     unchanged(request)
 
 
+def test_the_request_due_first_is_claimed_first_then_the_oldest(org, other_org, clock):
+    """Claim order: earliest due first; among requests due at the same instant, the one
+    created first. Each is stored before the one it must follow."""
+    third_org = create_organization(f"Third {uuid.uuid4().hex[:8]}").id
+    for org_id in (org.id, other_org, third_org):
+        with_card(org_id)
+    now = utcnow()
+    created_last_due_first = attempt(
+        org.id, created_at=now, next_attempt_at=now - dt.timedelta(minutes=2)
+    )
+    created_later = attempt(
+        other_org, created_at=now, next_attempt_at=now - dt.timedelta(minutes=1)
+    )
+    created_earlier = attempt(
+        third_org,
+        created_at=now - dt.timedelta(minutes=5),
+        next_attempt_at=now - dt.timedelta(minutes=1),
+    )
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", f"pi_{_id}", failure_reason="no"))
+    assert auto_recharge.drain(gateway, get_settings()) == 3
+    assert gateway.charged == [created_last_due_first.id, created_earlier.id, created_later.id]
+
+
 @pytest.mark.parametrize(("claims", "ceiling"), [(1, 30), (3, 120), (6, 960), (8, 1000)])
 @pytest.mark.parametrize("jitter", ["lowest", "highest"])
 def test_the_backoff_doubles_from_the_base_up_to_the_cap_then_jitters_to_half_of_it(
