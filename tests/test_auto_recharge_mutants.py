@@ -271,6 +271,27 @@ def test_the_request_due_first_is_claimed_first_then_the_oldest(org, other_org, 
     assert gateway.charged == [created_last_due_first.id, created_earlier.id, created_later.id]
 
 
+def test_a_claim_taken_over_past_the_attempt_cap_fails_without_charging(org, clock):
+    """Its workers kept dying: once a takeover would exceed the attempt cap, the attempt is
+    failed as transient (uncounted) and its in-flight slot freed, with no further charge."""
+    settings = get_settings()
+    with_card(org.id)
+    request = attempt(
+        org.id,
+        status="processing",
+        attempts=settings.auto_recharge_max_attempts,
+        lease_expires_at=utcnow() - dt.timedelta(seconds=1),
+    )
+    in_flight(org.id, request)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("succeeded", "pi_never"))
+    assert auto_recharge.process_one(gateway, settings) == "failed"
+    assert gateway.charged == []
+    failed = fresh(request)
+    assert (failed.status, failed.failure_kind) == ("failed", "transient")
+    assert account(org.id).auto_recharge_in_flight_id is None
+    assert account(org.id).auto_recharge_failure_count == 0
+
+
 @pytest.mark.parametrize(("claims", "ceiling"), [(1, 30), (3, 120), (6, 960), (8, 1000)])
 @pytest.mark.parametrize("jitter", ["lowest", "highest"])
 def test_the_backoff_doubles_from_the_base_up_to_the_cap_then_jitters_to_half_of_it(
