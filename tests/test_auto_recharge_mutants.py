@@ -292,6 +292,58 @@ def test_a_claim_taken_over_past_the_attempt_cap_fails_without_charging(org, clo
     assert account(org.id).auto_recharge_failure_count == 0
 
 
+def test_a_request_after_auto_recharge_was_turned_off_is_canceled_uncharged(org, other_org, clock):
+    """Turned off between the request and its claim: canceled with its reason, the in-flight
+    slot freed, nothing charged or counted; another organization's claim is untouched."""
+    with_card(org.id, failures=1)
+    BillingAccount.update(auto_recharge_enabled=False).where(
+        BillingAccount.organization == org.id
+    ).execute()
+    request = attempt(org.id)
+    in_flight(org.id, request)
+    theirs = claimed_elsewhere(other_org)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("succeeded", "pi_never"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "canceled"
+    assert gateway.charged == []
+    canceled = fresh(request)
+    assert (canceled.status, canceled.failure_reason) == (
+        "canceled",
+        "auto-recharge was turned off",
+    )
+    assert canceled.completed_at == utcnow()
+    assert account(org.id).auto_recharge_in_flight_id is None
+    assert account(org.id).auto_recharge_failure_count == 1
+    unchanged(theirs)
+
+
+@pytest.mark.parametrize("missing", ["customer", "payment method"])
+def test_a_request_with_nothing_to_charge_fails_as_permanent_and_counts(
+    org, other_org, clock, missing
+):
+    with_card(org.id)
+    gone = (
+        {"stripe_customer_id": None}
+        if missing == "customer"
+        else {"stripe_payment_method_id": None}
+    )
+    BillingAccount.update(**gone).where(BillingAccount.organization == org.id).execute()
+    request = attempt(org.id)
+    in_flight(org.id, request)
+    theirs = claimed_elsewhere(other_org)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("succeeded", "pi_never"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    assert gateway.charged == []
+    failed = fresh(request)
+    assert (failed.status, failed.failure_kind, failed.failure_reason) == (
+        "failed",
+        "permanent",
+        "no saved payment method",
+    )
+    assert account(org.id).auto_recharge_in_flight_id is None
+    assert account(org.id).auto_recharge_failure_count == 1
+    unchanged(theirs)
+
+
 @pytest.mark.parametrize(("claims", "ceiling"), [(1, 30), (3, 120), (6, 960), (8, 1000)])
 @pytest.mark.parametrize("jitter", ["lowest", "highest"])
 def test_the_backoff_doubles_from_the_base_up_to_the_cap_then_jitters_to_half_of_it(
