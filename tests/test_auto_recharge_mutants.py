@@ -63,6 +63,7 @@ class ScriptedGateway:
     def __init__(self, answer: Callable[[str], ChargeOutcome | Exception]) -> None:
         self.answer = answer
         self.charged: list[str] = []
+        self.calls: list[tuple[str, str, str, int, str]] = []
 
     def charge_off_session(
         self,
@@ -73,6 +74,7 @@ class ScriptedGateway:
         attempt_id: str,
     ) -> ChargeOutcome:
         self.charged.append(attempt_id)
+        self.calls.append((organization_id, customer_id, payment_method_id, amount, attempt_id))
         result = self.answer(attempt_id)
         if isinstance(result, Exception):
             raise result
@@ -342,6 +344,14 @@ def test_a_request_with_nothing_to_charge_fails_as_permanent_and_counts(
     assert account(org.id).auto_recharge_in_flight_id is None
     assert account(org.id).auto_recharge_failure_count == 1
     unchanged(theirs)
+
+
+def test_the_worker_charges_the_organizations_saved_card_for_the_requested_amount(org, clock):
+    with_card(org.id, method="pm_this_org")
+    request = attempt(org.id)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_x", failure_reason="no"))
+    auto_recharge.process_one(gateway, get_settings())
+    assert gateway.calls == [(org.id, f"cus_{org.id[:8]}", "pm_this_org", AMOUNT, request.id)]
 
 
 @pytest.mark.parametrize(("claims", "ceiling"), [(1, 30), (3, 120), (6, 960), (8, 1000)])
