@@ -352,6 +352,17 @@ def test_the_worker_charges_the_organizations_saved_card_for_the_requested_amoun
     gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_x", failure_reason="no"))
     auto_recharge.process_one(gateway, get_settings())
     assert gateway.calls == [(org.id, f"cus_{org.id[:8]}", "pm_this_org", AMOUNT, request.id)]
+    assert fresh(request).stripe_payment_intent_id == "pi_x"  # the failed payment, kept
+
+
+def test_a_decline_without_a_reason_is_recorded_as_a_failed_charge_and_counts(org, clock):
+    with_card(org.id)
+    request = attempt(org.id)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_quiet"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    failed = fresh(request)
+    assert (failed.failure_kind, failed.failure_reason) == ("declined", "the charge failed")
+    assert account(org.id).auto_recharge_failure_count == 1
 
 
 @pytest.mark.parametrize(("claims", "ceiling"), [(1, 30), (3, 120), (6, 960), (8, 1000)])
@@ -653,6 +664,7 @@ def test_a_new_challenge_supersedes_the_older_one_not_itself(org, clock):
     )
     assert auto_recharge.process_one(gateway, get_settings()) == "requires_action"
     assert fresh(old).status == "superseded"
+    assert fresh(new).completed_at is None  # a challenge is not an outcome
     assert auto_recharge.pending_action(org.id) == auto_recharge.RequiresAction(
         new.id, AMOUNT, "pi_new", "pi_new_secret"
     )
