@@ -539,6 +539,38 @@ def test_a_challenge_reported_by_payment_intent_alone_is_stored_on_that_attempt(
     unchanged(theirs)
 
 
+def test_a_challenge_just_reported_is_the_one_surfaced(org, clock):
+    """A report moves its attempt to the top: the challenge surfaced is the latest reported,
+    even when its attempt was last touched before an older open challenge."""
+    with_card(org.id)
+    now = utcnow()
+    attempt(
+        org.id,
+        status="requires_action",
+        stripe_payment_intent_id="pi_open",
+        client_secret="pi_open_secret",
+        updated_at=now - dt.timedelta(minutes=1),
+    )
+    request = attempt(
+        org.id,
+        status="processing",
+        attempts=1,
+        stripe_payment_intent_id="pi_later",
+        updated_at=now - dt.timedelta(minutes=5),
+    )
+    report(
+        org.id,
+        "payment_intent.requires_action",
+        "pi_later",
+        request.id,
+        status="requires_action",
+        client_secret="pi_later_secret",
+    )
+    assert auto_recharge.pending_action(org.id) == auto_recharge.RequiresAction(
+        request.id, AMOUNT, "pi_later", "pi_later_secret"
+    )
+
+
 @pytest.mark.parametrize("known", ["settled", "unknown"])
 def test_a_challenge_for_a_settled_or_unknown_attempt_is_ignored(org, known):
     with_card(org.id)
