@@ -48,6 +48,7 @@ class ScriptedGateway:
     def __init__(self, answer: Callable[[str], ChargeOutcome | Exception]) -> None:
         self.answer = answer
         self.charged: list[str] = []
+        self.calls: list[tuple[str, str, str, int, str]] = []
 
     def charge_off_session(
         self,
@@ -58,6 +59,7 @@ class ScriptedGateway:
         attempt_id: str,
     ) -> ChargeOutcome:
         self.charged.append(attempt_id)
+        self.calls.append((organization_id, customer_id, payment_method_id, amount, attempt_id))
         result = self.answer(attempt_id)
         if isinstance(result, Exception):
             raise result
@@ -202,6 +204,150 @@ def test_a_drain_handles_at_most_its_limit(org, clock):
     assert auto_recharge.drain(gateway, get_settings(), limit=2) == 2
     assert gateway.charged == [r.id for r in requests[:2]]
     assert fresh(requests[2]).status == "pending"
+
+
+def test_a_claim_whose_lease_ends_now_is_taken_over(org, clock):
+    """A lease is over at its expiry instant: the claim is due again then, not a tick later."""
+    with_card(org.id)
+    request = attempt(org.id, status="processing", attempts=1, lease_expires_at=utcnow())
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_due", failure_reason="no"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    assert gateway.charged == [request.id]
+    assert fresh(request).attempts == 2
+
+
+def test_a_claim_without_a_lease_is_taken_over(org, clock):
+    """A processing attempt with no lease on record (no worker holds it) is due at once."""
+    with_card(org.id)
+    request = attempt(org.id, status="processing", attempts=1, lease_expires_at=None)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_due", failure_reason="no"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    assert gateway.charged == [request.id]
+
+
+def test_a_claim_whose_lease_runs_is_left_alone(org, clock):
+    with_card(org.id)
+    request = attempt(
+        org.id, status="processing", attempts=1, lease_expires_at=utcnow() + dt.timedelta(seconds=1)
+    )
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_due", failure_reason="no"))
+    assert auto_recharge.process_one(gateway, get_settings()) is None
+    unchanged(request)
+
+
+def test_the_request_due_first_is_claimed_first_then_the_oldest(org, other_org, clock):
+    """Claim order: earliest due first; among requests due at the same instant, the one
+    created first. Each is stored before the one it must follow."""
+    third_org = create_organization(f"Third {uuid.uuid4().hex[:8]}").id
+    for org_id in (org.id, other_org, third_org):
+        with_card(org_id)
+    now = utcnow()
+    created_last_due_first = attempt(
+        org.id, created_at=now, next_attempt_at=now - dt.timedelta(minutes=2)
+    )
+    created_later = attempt(
+        other_org, created_at=now, next_attempt_at=now - dt.timedelta(minutes=1)
+    )
+    created_earlier = attempt(
+        third_org,
+        created_at=now - dt.timedelta(minutes=5),
+        next_attempt_at=now - dt.timedelta(minutes=1),
+    )
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", f"pi_{_id}", failure_reason="no"))
+    assert auto_recharge.drain(gateway, get_settings()) == 3
+    assert gateway.charged == [created_last_due_first.id, created_earlier.id, created_later.id]
+
+
+def test_a_claim_taken_over_past_the_attempt_cap_fails_without_charging(org, clock):
+    """Its workers kept dying: once a takeover would exceed the attempt cap, the attempt is
+    failed as transient (uncounted) and its in-flight slot freed, with no further charge."""
+    settings = get_settings()
+    with_card(org.id)
+    request = attempt(
+        org.id,
+        status="processing",
+        attempts=settings.auto_recharge_max_attempts,
+        lease_expires_at=utcnow() - dt.timedelta(seconds=1),
+    )
+    in_flight(org.id, request)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("succeeded", "pi_never"))
+    assert auto_recharge.process_one(gateway, settings) == "failed"
+    assert gateway.charged == []
+    failed = fresh(request)
+    assert (failed.status, failed.failure_kind) == ("failed", "transient")
+    assert account(org.id).auto_recharge_in_flight_id is None
+    assert account(org.id).auto_recharge_failure_count == 0
+
+
+def test_a_request_after_auto_recharge_was_turned_off_is_canceled_uncharged(org, other_org, clock):
+    """Turned off between the request and its claim: canceled with its reason, the in-flight
+    slot freed, nothing charged or counted; another organization's claim is untouched."""
+    with_card(org.id, failures=1)
+    BillingAccount.update(auto_recharge_enabled=False).where(
+        BillingAccount.organization == org.id
+    ).execute()
+    request = attempt(org.id)
+    in_flight(org.id, request)
+    theirs = claimed_elsewhere(other_org)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("succeeded", "pi_never"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "canceled"
+    assert gateway.charged == []
+    canceled = fresh(request)
+    assert (canceled.status, canceled.failure_reason) == (
+        "canceled",
+        "auto-recharge was turned off",
+    )
+    assert canceled.completed_at == utcnow()
+    assert account(org.id).auto_recharge_in_flight_id is None
+    assert account(org.id).auto_recharge_failure_count == 1
+    unchanged(theirs)
+
+
+@pytest.mark.parametrize("missing", ["customer", "payment method"])
+def test_a_request_with_nothing_to_charge_fails_as_permanent_and_counts(
+    org, other_org, clock, missing
+):
+    with_card(org.id)
+    gone = (
+        {"stripe_customer_id": None}
+        if missing == "customer"
+        else {"stripe_payment_method_id": None}
+    )
+    BillingAccount.update(**gone).where(BillingAccount.organization == org.id).execute()
+    request = attempt(org.id)
+    in_flight(org.id, request)
+    theirs = claimed_elsewhere(other_org)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("succeeded", "pi_never"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    assert gateway.charged == []
+    failed = fresh(request)
+    assert (failed.status, failed.failure_kind, failed.failure_reason) == (
+        "failed",
+        "permanent",
+        "no saved payment method",
+    )
+    assert account(org.id).auto_recharge_in_flight_id is None
+    assert account(org.id).auto_recharge_failure_count == 1
+    unchanged(theirs)
+
+
+def test_the_worker_charges_the_organizations_saved_card_for_the_requested_amount(org, clock):
+    with_card(org.id, method="pm_this_org")
+    request = attempt(org.id)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_x", failure_reason="no"))
+    auto_recharge.process_one(gateway, get_settings())
+    assert gateway.calls == [(org.id, f"cus_{org.id[:8]}", "pm_this_org", AMOUNT, request.id)]
+    assert fresh(request).stripe_payment_intent_id == "pi_x"  # the failed payment, kept
+
+
+def test_a_decline_without_a_reason_is_recorded_as_a_failed_charge_and_counts(org, clock):
+    with_card(org.id)
+    request = attempt(org.id)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_quiet"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    failed = fresh(request)
+    assert (failed.failure_kind, failed.failure_reason) == ("declined", "the charge failed")
+    assert account(org.id).auto_recharge_failure_count == 1
 
 
 @pytest.mark.parametrize(("claims", "ceiling"), [(1, 30), (3, 120), (6, 960), (8, 1000)])
@@ -378,6 +524,38 @@ def test_a_challenge_reported_by_payment_intent_alone_is_stored_on_that_attempt(
     unchanged(theirs)
 
 
+def test_a_challenge_just_reported_is_the_one_surfaced(org, clock):
+    """A report moves its attempt to the top: the challenge surfaced is the latest reported,
+    even when its attempt was last touched before an older open challenge."""
+    with_card(org.id)
+    now = utcnow()
+    attempt(
+        org.id,
+        status="requires_action",
+        stripe_payment_intent_id="pi_open",
+        client_secret="pi_open_secret",
+        updated_at=now - dt.timedelta(minutes=1),
+    )
+    request = attempt(
+        org.id,
+        status="processing",
+        attempts=1,
+        stripe_payment_intent_id="pi_later",
+        updated_at=now - dt.timedelta(minutes=5),
+    )
+    report(
+        org.id,
+        "payment_intent.requires_action",
+        "pi_later",
+        request.id,
+        status="requires_action",
+        client_secret="pi_later_secret",
+    )
+    assert auto_recharge.pending_action(org.id) == auto_recharge.RequiresAction(
+        request.id, AMOUNT, "pi_later", "pi_later_secret"
+    )
+
+
 @pytest.mark.parametrize("known", ["settled", "unknown"])
 def test_a_challenge_for_a_settled_or_unknown_attempt_is_ignored(org, known):
     with_card(org.id)
@@ -456,6 +634,57 @@ def test_another_organizations_challenge_is_not_surfaced(org, other_org):
 def test_a_challenge_without_its_client_secret_is_not_surfaced(org, conn):
     attempt(org.id, status="requires_action", stripe_payment_intent_id="pi_no_secret")
     assert auto_recharge.pending_action(org.id) is None
+
+
+def test_a_new_charge_supersedes_the_organizations_open_challenge_only(org, other_org, clock):
+    """A worker charging a newer attempt retires the organization's unanswered 3-D Secure
+    challenge (it is no longer surfaced); another organization's challenge stays open."""
+    with_card(org.id)
+    old = attempt(
+        org.id,
+        status="requires_action",
+        stripe_payment_intent_id="pi_old",
+        client_secret="pi_old_secret",
+    )
+    theirs = attempt(
+        other_org,
+        status="requires_action",
+        stripe_payment_intent_id="pi_theirs",
+        client_secret="pi_theirs_secret",
+    )
+    clock.advance(seconds=1)
+    new = attempt(org.id)
+    gateway = ScriptedGateway(lambda _id: ChargeOutcome("failed", "pi_new", failure_reason="no"))
+    assert auto_recharge.process_one(gateway, get_settings()) == "failed"
+    assert gateway.charged == [new.id]
+    assert fresh(old).status == "superseded"
+    assert fresh(new).status == "failed"
+    assert auto_recharge.pending_action(org.id) is None
+    assert fresh(theirs).status == "requires_action"
+    assert auto_recharge.pending_action(other_org) == auto_recharge.RequiresAction(
+        theirs.id, AMOUNT, "pi_theirs", "pi_theirs_secret"
+    )
+
+
+def test_a_new_challenge_supersedes_the_older_one_not_itself(org, clock):
+    with_card(org.id)
+    old = attempt(
+        org.id,
+        status="requires_action",
+        stripe_payment_intent_id="pi_old",
+        client_secret="pi_old_secret",
+    )
+    clock.advance(seconds=1)
+    new = attempt(org.id)
+    gateway = ScriptedGateway(
+        lambda _id: ChargeOutcome("requires_action", "pi_new", client_secret="pi_new_secret")
+    )
+    assert auto_recharge.process_one(gateway, get_settings()) == "requires_action"
+    assert fresh(old).status == "superseded"
+    assert fresh(new).completed_at is None  # a challenge is not an outcome
+    assert auto_recharge.pending_action(org.id) == auto_recharge.RequiresAction(
+        new.id, AMOUNT, "pi_new", "pi_new_secret"
+    )
 
 
 # --- the worker loop ------------------------------------------------------------------------
