@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from urllib.parse import parse_qsl
 
 import httpx
 import stripe
+
+from billing.stripe_gateway import ChargeOutcome
 
 # The first ancestor holding shared/ (the project's sibling), so a copy of the tests elsewhere
 # in the tree (mutation testing runs them from mutants/) finds the fixtures too.
@@ -244,3 +247,30 @@ def event_body(
 
 def signature_for(body: bytes, secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> str:
     return stripe.WebhookSignature.generate_signature_header(body.decode(), secret, timestamp)
+
+
+class ScriptedGateway:
+    """Answers each off-session charge with `answer(attempt_id)`: an outcome, or an
+    exception to raise."""
+
+    local = False
+
+    def __init__(self, answer: Callable[[str], ChargeOutcome | Exception]) -> None:
+        self.answer = answer
+        self.charged: list[str] = []
+        self.calls: list[tuple[str, str, str, int, str]] = []
+
+    def charge_off_session(
+        self,
+        organization_id: str,
+        customer_id: str,
+        payment_method_id: str,
+        amount: int,
+        attempt_id: str,
+    ) -> ChargeOutcome:
+        self.charged.append(attempt_id)
+        self.calls.append((organization_id, customer_id, payment_method_id, amount, attempt_id))
+        result = self.answer(attempt_id)
+        if isinstance(result, Exception):
+            raise result
+        return result

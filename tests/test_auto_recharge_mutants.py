@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import threading
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,7 +24,7 @@ from billing.stripe_gateway import ChargeOutcome
 from billing.units import DOLLAR
 from models import AutoRechargeRequest, BillingAccount, CreditEntry, WebhookEvent, utcnow
 from tests.stripe_events import deliver, signed, top_up_intent
-from tests.stripe_fakes import stripe_object
+from tests.stripe_fakes import ScriptedGateway, stripe_object
 
 AMOUNT = 20 * DOLLAR
 
@@ -37,33 +36,6 @@ pytestmark = pytest.mark.usefixtures("stripe_webhooks_only")
 def held_connection(conn):
     """Every test here reads and writes on the test thread's own connection."""
     yield
-
-
-class ScriptedGateway:
-    """Answers each off-session charge with `answer(attempt_id)`: an outcome, or an
-    exception to raise."""
-
-    local = False
-
-    def __init__(self, answer: Callable[[str], ChargeOutcome | Exception]) -> None:
-        self.answer = answer
-        self.charged: list[str] = []
-        self.calls: list[tuple[str, str, str, int, str]] = []
-
-    def charge_off_session(
-        self,
-        organization_id: str,
-        customer_id: str,
-        payment_method_id: str,
-        amount: int,
-        attempt_id: str,
-    ) -> ChargeOutcome:
-        self.charged.append(attempt_id)
-        self.calls.append((organization_id, customer_id, payment_method_id, amount, attempt_id))
-        result = self.answer(attempt_id)
-        if isinstance(result, Exception):
-            raise result
-        return result
 
 
 def outage(_attempt_id: str) -> Exception:

@@ -27,6 +27,7 @@ from billing.stripe_gateway import ChargeOutcome
 from billing.units import DOLLAR
 from models import AutoRechargeRequest, BillingAccount, CreditEntry, database, is_postgres, utcnow
 from tests.conftest import SERVICE_HEADERS
+from tests.stripe_fakes import ScriptedGateway
 
 # --- an Idempotency-Key owner that lost its lease -----------------------------------------
 
@@ -198,24 +199,6 @@ def test_worker_and_webhook_settling_one_payment_do_not_deadlock(org, monkeypatc
 # --- refusals with no card saved ------------------------------------------------------------
 
 
-class _CountingGateway:
-    local = False
-
-    def __init__(self) -> None:
-        self.charges = 0
-
-    def charge_off_session(
-        self,
-        organization_id: str,
-        customer_id: str,
-        payment_method_id: str,
-        amount: int,
-        attempt_id: str,
-    ) -> ChargeOutcome:
-        self.charges += 1
-        return ChargeOutcome("succeeded", f"pi_{attempt_id.replace('-', '')[:20]}")
-
-
 def test_refusals_before_a_card_is_saved_never_turn_auto_recharge_off(org, conn, clock):
     """Auto-recharge is switched on before any card is saved, and debits are refused across
     several cooldowns. Saving the card must then recharge: the refusals may not have spent
@@ -231,7 +214,9 @@ def test_refusals_before_a_card_is_saved_never_turn_auto_recharge_off(org, conn,
             "auto_recharge_amount": 20 * DOLLAR,
         },
     )
-    gateway = _CountingGateway()
+    gateway = ScriptedGateway(
+        lambda attempt_id: ChargeOutcome("succeeded", f"pi_{attempt_id.replace('-', '')[:20]}")
+    )
     for _ in range(settings.auto_recharge_max_failures + 1):
         with pytest.raises(PaymentRequired), locked_account(org.id) as account:
             ledger.debit(account, 50 * DOLLAR)
@@ -246,7 +231,7 @@ def test_refusals_before_a_card_is_saved_never_turn_auto_recharge_off(org, conn,
     with locked_account(org.id) as account:
         auto_recharge.remember_payment_method(account, "pm_review_card")
     assert auto_recharge.drain(gateway, settings) == 1  # type: ignore[arg-type]
-    assert gateway.charges == 1
+    assert len(gateway.charged) == 1
     assert BillingAccount.get_by_id(org.id).credits_balance == 21 * DOLLAR
 
 
