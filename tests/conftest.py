@@ -9,6 +9,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -169,6 +170,7 @@ def stripe_front(localstripe_url):
     front.close()
 
 
+@contextmanager
 def _stripe_settings(monkeypatch, api_base: str, **extra: str) -> Iterator[None]:
     """Stripe mode's settings (the fixtures' keys, `api_base`, no retries), undone afterwards."""
     from billing.stripe_gateway import get_gateway
@@ -191,7 +193,7 @@ def _stripe_settings(monkeypatch, api_base: str, **extra: str) -> Iterator[None]
 @pytest.fixture
 def stripe_mode(stripe_front, monkeypatch):
     """Run the app in Stripe mode against the fixture front and localstripe."""
-    for _ in _stripe_settings(monkeypatch, stripe_front.url, STRIPE_TIMEOUT_SECONDS="5"):
+    with _stripe_settings(monkeypatch, stripe_front.url, STRIPE_TIMEOUT_SECONDS="5"):
         yield stripe_front
 
 
@@ -199,4 +201,5 @@ def stripe_mode(stripe_front, monkeypatch):
 def stripe_webhooks_only(monkeypatch):
     """Stripe mode for webhooks only: the signing secret, and an API base nothing listens on
     (for tests where receiving an event, or a scripted gateway, never calls Stripe)."""
-    yield from _stripe_settings(monkeypatch, "http://127.0.0.1:9")
+    with _stripe_settings(monkeypatch, "http://127.0.0.1:9"):
+        yield
