@@ -50,6 +50,7 @@ from models import (
     is_postgres,
     utcnow,
 )
+from models.prepared import loaded
 
 CREDIT_TYPES = frozenset(
     {
@@ -104,19 +105,26 @@ def _append(
     """Append one entry to a locked account and move its balance (and, for spending, the
     month's running spend) with it: one INSERT and one UPDATE, whatever the history."""
     now = account_now(account)
-    entry = CreditEntry(
-        organization=account.organization_id,
-        entry_type=entry_type,
-        amount=amount,
-        reason=reason,
-        reference_id=reference_id,
-        idempotency_ref=idempotency_ref,
-        balance_after=apply_to_account(account, entry_type, amount, now),
-        created_at=now,
+    balance_after = apply_to_account(account, entry_type, amount, now)
+    # The entry as it will be stored (the id comes from the INSERT). Built in one step: Peewee's
+    # keyword constructor costs an attribute write per field, on every debit.
+    entry = loaded(
+        CreditEntry,
+        {
+            "organization": account.organization_id,
+            "entry_type": entry_type,
+            "amount": amount,
+            "reason": reason,
+            "reference_id": reference_id,
+            "idempotency_ref": idempotency_ref,
+            "balance_after": balance_after,
+            "created_at": now,
+            "public_id": CreditEntry.public_id.default(),
+        },
     )
     if is_postgres():
         # One round trip under the lock instead of two (the SQL is written once, below).
-        (entry.id,) = database.execute_sql(
+        (entry.__data__["id"],) = database.execute_sql(
             _APPEND_SQL,
             (
                 account.organization_id,
@@ -125,9 +133,9 @@ def _append(
                 reason,
                 reference_id,
                 idempotency_ref,
-                entry.balance_after,
+                balance_after,
                 now,
-                entry.public_id,  # the model's own default: the entry returned names it too
+                entry.public_id,  # the entry returned names it too
                 account.credits_balance,
                 account.spend_month,
                 account.month_spend,

@@ -8,11 +8,19 @@ import datetime as dt
 
 import pytest
 
-from billing.accounts import get_account, lock_account
+from billing import ledger
+from billing.accounts import get_account, lock_account, locked_account
 from billing.auth import Role, User, require_role
 from billing.errors import NotFound
 from billing.organizations import add_member, create_organization
-from models import BillingAccount, Membership, is_postgres, write_transaction
+from models import (
+    BillingAccount,
+    CreditEntry,
+    CreditEntryType,
+    Membership,
+    is_postgres,
+    write_transaction,
+)
 from tests.test_metering_scale import statements_of
 
 pytestmark = pytest.mark.usefixtures("conn")
@@ -122,3 +130,26 @@ def test_require_role_reads_the_membership_of_that_user_in_that_organization():
     with pytest.raises(NotFound):
         require_role(other.id, alice, Role.member)
     assert Membership.select().count() == 2
+
+
+@pytest.mark.parametrize("entry_type", [CreditEntryType.charge, CreditEntryType.top_up])
+def test_the_entry_a_ledger_write_returns_is_the_row_it_stored(entry_type):
+    """The ledger builds the entry it returns in one step (`models.prepared.loaded`), not through
+    Peewee's constructor: it must hold what the database holds, clean, with its id."""
+    org = create_organization("Entry")
+    with locked_account(org.id) as account:
+        ledger.grant(account, 1_000, CreditEntryType.adjustment, reason="seed")
+    with locked_account(org.id) as account:
+        if entry_type == CreditEntryType.charge:
+            result = ledger.debit(account, 300, reason="call", reference_id="ref-1")
+        else:
+            result = ledger.grant(account, 300, entry_type, reason="buy", idempotency_ref="ir-1")
+    entry = result.entry
+    assert entry is not None and entry.id is not None
+    stored = CreditEntry.get_by_id(entry.id)
+    assert {k: str(v) for k, v in entry.__data__.items()} == {
+        k: str(v) for k, v in stored.__data__.items()
+    }
+    assert entry.dirty_fields == []
+    assert entry.organization_id == org.id
+    assert entry.balance_after == (700 if entry_type == CreditEntryType.charge else 1_300)
