@@ -9,18 +9,14 @@ import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import connexion
 import yaml
-from connexion.apps.asynchronous import AsyncApi, AsyncOperation
-from connexion.decorators import StarletteDecorator
-from connexion.decorators.parameter import AsyncParameterDecorator
 from connexion.exceptions import ProblemException
 from connexion.jsonifier import Jsonifier
 from connexion.middleware import MiddlewarePosition
 from connexion.resolver import Resolution, Resolver
-from connexion.security import AbstractSecurityHandler
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -29,6 +25,7 @@ from billing.config import Settings, get_settings
 from billing.stripe_gateway import get_gateway
 from handlers import local_pages, observability
 from handlers.middleware import EdgeMiddleware, JsonContentTypeMiddleware
+from handlers.prebuilt import MIDDLEWARES, PrebuiltApi
 from handlers.problems import ERROR_HANDLERS, http_exception_handler, problem_handler
 from handlers.ratelimit import RateLimitMiddleware
 from handlers.spec_index import SpecIndex
@@ -75,57 +72,6 @@ class BillingResolver(Resolver):
         return with_connection
 
 
-class PrebuiltParameterDecorator(AsyncParameterDecorator):
-    """Connexion's, with the snake_case of each parameter name worked out once (three regular
-    expressions per parameter per request otherwise)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        sanitize: Callable[[str], str] = self.sanitize_fn  # type: ignore[has-type]
-        self.sanitize_fn = functools.cache(sanitize)
-
-
-class PrebuiltDecorator(StarletteDecorator):
-    """Connexion rebuilds an operation's decorator chain (parameter and response decorators,
-    with an `inspect.signature` of the handler) on every request. The chain depends only on the
-    handler (the request and operation come from context at call time), so build it once."""
-
-    _chains: ClassVar[dict[Callable[..., Any], Callable[..., Any]]] = {}
-
-    @property
-    def _parameter_decorator_cls(self) -> type[AsyncParameterDecorator]:
-        return PrebuiltParameterDecorator
-
-    def decorate(self, function: Callable[..., Any]) -> Callable[..., Any]:
-        chain = self._chains.get(function)
-        if chain is None:
-            chain = self._chains[function] = super().decorate(function)
-        return chain
-
-
-class PrebuiltOperation(AsyncOperation):
-    @functools.cached_property
-    def fn(self) -> Callable[..., Any]:
-        decorator = PrebuiltDecorator(
-            pythonic_params=self.pythonic_params, jsonifier=self.jsonifier
-        )
-        return decorator(self._fn)
-
-
-class PrebuiltApi(AsyncApi):
-    def make_operation(self, operation: Any) -> AsyncOperation:
-        return PrebuiltOperation.from_operation(
-            operation, pythonic_params=self.pythonic_params, jsonifier=self.jsonifier
-        )
-
-
-# Connexion's security check inspects our credential functions' signatures on every request; the
-# answer depends only on the function and the keyword, so remember it.
-AbstractSecurityHandler._accepts_kwarg = staticmethod(
-    functools.cache(AbstractSecurityHandler._accepts_kwarg)
-)
-
-
 def local_worker_lifespan(settings: Settings) -> Callable[[Any], Any]:
     """In local billing mode each server process drains the auto-recharge outbox itself, so
     auto-recharge works with no second command (production runs `scripts.worker`)."""
@@ -160,6 +106,7 @@ def create_app(settings: Settings | None = None) -> connexion.AsyncApp:
         __name__,
         specification_dir=str(SPEC_PATH.parent),
         lifespan=local_worker_lifespan(settings),
+        middlewares=list(MIDDLEWARES),  # Connexion inserts ours into the list it is given
     )
     # Connexion builds its operations through this class (no public hook for it).
     app._middleware_app.api_cls = PrebuiltApi
