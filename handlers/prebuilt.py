@@ -53,6 +53,12 @@ class PrebuiltDecorator(StarletteDecorator):
     def _parameter_decorator_cls(self) -> type[AsyncParameterDecorator]:
         return PrebuiltParameterDecorator
 
+    @functools.cached_property
+    def uri_parser(self) -> Any:
+        """Connexion builds it from the operation in context on every request; each decorator
+        serves one operation (`PrebuiltOperation.fn`), so its first is its only one."""
+        return super().uri_parser
+
     def decorate(self, function: Callable[..., Any]) -> Callable[..., Any]:
         chain = self._chains.get(function)
         if chain is None:
