@@ -191,7 +191,9 @@ class SpecPathsMiddleware(SwaggerUIMiddleware):
             assert isinstance(mount, Mount)
             for route in mount.routes:
                 path = mount.path + t.cast(Route, route).path
-                if "{" in path:  # a pattern (the UI's files): everything under its prefix
+                if isinstance(route, Mount):  # the UI's static files: everything under it
+                    prefixes.append(path.rstrip("/") + "/")
+                elif "{" in path:  # a pattern: everything under its fixed start
                     prefixes.append(path.split("{", 1)[0])
                 else:
                     exact.add(path)

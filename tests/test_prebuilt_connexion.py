@@ -35,6 +35,13 @@ def test_the_spec_is_served_and_other_paths_go_past_the_spec_middleware(client, 
     assert spec.status_code == 200
     assert spec.json()["paths"]["/v1/billing/{organizationId}/credits"]["get"]["operationId"]
     assert client.get(f"/v1/billing/{org.id}/credits", headers=org.owner).status_code == 200
+    ui = client.get("/ui/")
+    assert ui.status_code == 200 and "swagger-ui" in ui.text
+    for asset in ("swagger-ui.css", "swagger-ui-bundle.js"):
+        served = client.get(f"/ui/{asset}")
+        assert served.status_code == 200, asset
+        assert len(served.content) > 10_000, asset
+    assert client.get("/ui", follow_redirects=False).status_code == 307
     missing = client.get("/openapi.json/extra")
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/problem+json"
