@@ -57,7 +57,9 @@ class Counts:
 
 def _locks_accounts(sql: str) -> bool:
     """Whether a statement locks billing_accounts rows: one account (lock_account's own
-    statement) or a batch's accounts in id order."""
+    statement) or a batch's accounts in id order. On PostgreSQL a transaction's first statement
+    carries its BEGIN (models.db._PostgresqlDatabase)."""
+    sql = sql.removeprefix("BEGIN;")
     if '"billing_accounts"' not in sql or not sql.lstrip().upper().startswith("SELECT"):
         return False
     if is_postgres():
