@@ -66,9 +66,12 @@ def verify_user_token(token: str, settings: Settings) -> User:
     except jwt.PyJWTError as exc:
         raise Unauthenticated(f"invalid bearer token: {_token_fault(exc)}") from None
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub or len(sub) > 255:
+    # A NUL is no one's id, and PostgreSQL refuses it in a query (the membership read was a 500).
+    if not isinstance(sub, str) or not sub or len(sub) > 255 or "\x00" in sub:
         raise Unauthenticated("invalid bearer token: bad subject")
     email = claims.get("email")
+    if isinstance(email, str) and "\x00" in email:
+        email = None
     org_roles = None
     if settings.jwt_org_roles_claim is not None:
         org_roles = _org_roles(claims.get(settings.jwt_org_roles_claim))

@@ -3,6 +3,7 @@ layer costs a frame and a send wrapper on every request)."""
 
 from __future__ import annotations
 
+import codecs
 import re
 import time
 import uuid
@@ -118,7 +119,8 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class JsonContentTypeMiddleware:
-    """A request that carries a body must say it is JSON (`application/json` or `*+json`).
+    """A request that carries a body must say it is JSON (`application/json` or `*+json`), and
+    any charset it names must read as UTF-8 (an unknown one made Connexion fail with a 500).
 
     Without a Content-Type, Connexion hands the raw bytes to the handler, which then fails
     with a 500; every body this API takes is JSON, so the request is refused up front (415,
@@ -138,11 +140,34 @@ class JsonContentTypeMiddleware:
             ):
                 await send_problem(send, 415, "a request body needs Content-Type: application/json")
                 return
+            if not _utf8_charset(parameters):
+                await send_problem(send, 415, "a JSON body is UTF-8 (RFC 8259): charset=utf-8")
+                return
             if content_type:
                 # Media types are case-insensitive, Connexion's lookup is not: an
                 # `Application/JSON` body reached the handler as raw bytes (a 500).
                 scope = _with_content_type(scope, f"{media_type}{separator}{parameters}")
         await self.app(scope, receive, send)
+
+
+# Charsets whose bytes are read the same as UTF-8: JSON exchanged between systems is UTF-8
+# (RFC 8259), and the handlers parse the body as UTF-8 whatever the header says; a body in
+# another charset would be validated as one text and handled as another.
+_UTF8_COMPATIBLE = frozenset({"utf-8", "ascii"})
+
+
+def _utf8_charset(parameters: str) -> bool:
+    """Whether the Content-Type parameters name no charset, or one read the same as UTF-8."""
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            try:
+                codec = codecs.lookup(value.strip().strip('"'))
+            except LookupError:
+                return False
+            if codec.name not in _UTF8_COMPATIBLE:
+                return False
+    return True
 
 
 def _with_content_type(scope: Scope, content_type: str) -> Scope:

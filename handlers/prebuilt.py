@@ -201,7 +201,12 @@ class SpecPathsMiddleware(SwaggerUIMiddleware):
         self._served_prefixes = tuple(prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Starlette's scope path includes the root path (an app mounted under a prefix by its
+        # proxy); the spec's routes are matched without it.
         path = scope.get("path", "")
+        root_path = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
         if scope["type"] == "http" and not (
             path in self._served or path.startswith(self._served_prefixes)
         ):

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import peewee
+import psycopg2.extensions
 from playhouse.pool import PooledPostgresqlDatabase
 
 database = peewee.DatabaseProxy()
@@ -55,6 +56,43 @@ class _SqliteDatabase(peewee.SqliteDatabase):
                 time.sleep(0.05 + random.random() * 0.05)
 
 
+class _BeginFirstCursor(psycopg2.extensions.cursor):
+    """A cursor that sends its transaction's pending BEGIN in front of its statement.
+
+    Every statement Peewee (or code using `database.cursor()`) runs goes through one of these,
+    so the BEGIN cannot be skipped by a statement issued by hand, and the query log shows each
+    statement as it was issued.
+    """
+
+    database: _PostgresqlDatabase
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        if not self.database._take_pending_begin():
+            super().execute(query, vars)
+        elif not isinstance(query, str):  # psycopg2.sql.Composable, bytes: BEGIN on its own
+            super().execute("BEGIN")
+            super().execute(query, vars)
+        else:
+            try:
+                super().execute("BEGIN;" + query, vars)
+            except BaseException:
+                if self.connection.get_transaction_status() != _IDLE:
+                    raise
+                # BEGIN never ran: the driver refused the statement before sending it, or the
+                # server rejected the message's syntax as a whole. Do what a BEGIN of its own
+                # would have done, then fail the statement inside it, as it fails there.
+                super().execute("BEGIN")
+                super().execute(query, vars)
+
+    def executemany(self, query: Any, vars_list: Any) -> None:
+        if self.database._take_pending_begin():
+            super().execute("BEGIN")
+        super().executemany(query, vars_list)
+
+
+_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
 class _PostgresqlDatabase(PooledPostgresqlDatabase):
     """PostgreSQL whose BEGIN travels with its transaction's first statement.
 
@@ -62,28 +100,30 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
     the write and COMMIT. Sent in front of the first statement instead ("BEGIN;SELECT ... FOR
     UPDATE", one simple-query message that PostgreSQL runs in order), it costs one lock, one
     write and the commit. A transaction that runs no statement sends neither BEGIN nor COMMIT.
-    The pending BEGIN belongs to the open transaction: its commit or rollback (Peewee ends every
-    transaction with one) drops it, so it is never put in front of a statement outside it.
+
+    The pending BEGIN belongs to one connection's open transaction: the commit or rollback that
+    ends it, or giving the connection back, drops it; it is only ever sent on the connection it
+    was opened on. A statement that fails before BEGIN ran still leaves its transaction open,
+    as a BEGIN of its own would have (`_BeginFirstCursor`).
     """
 
     def begin(self, isolation_level: Any = None) -> None:
         if self.is_closed() or isolation_level is not None or self._isolation_level:
             super().begin(isolation_level)
             return
-        self._state.begin_pending = True
+        self._state.begin_pending = self._state.conn
 
     def _take_pending_begin(self) -> bool:
-        pending = bool(getattr(self._state, "begin_pending", False))
-        self._state.begin_pending = False
-        return pending
+        pending = getattr(self._state, "begin_pending", None)
+        self._state.begin_pending = None
+        return pending is not None and pending is self._state.conn
 
-    def _execute_cursor(self, sql: str, params: Any, **cursor_options: Any) -> Any:
-        if self._take_pending_begin():
-            if cursor_options:  # a named (server-side) cursor wraps its SQL: BEGIN on its own
-                super().begin()
-            else:
-                sql = "BEGIN;" + sql
-        return super()._execute_cursor(sql, params, **cursor_options)
+    def cursor(self, named_cursor: Any = None) -> Any:
+        if self.is_closed():  # Peewee connects (or refuses); nothing can be pending yet
+            return super().cursor(named_cursor)
+        cursor = self._state.conn.cursor(cursor_factory=_BeginFirstCursor)
+        cursor.database = self
+        return cursor
 
     def commit(self) -> None:
         if not self._take_pending_begin():
@@ -92,6 +132,11 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
     def rollback(self) -> None:
         if not self._take_pending_begin():
             super().rollback()
+
+    def close(self) -> bool:
+        closed = bool(super().close())  # refuses inside an open transaction, flag and all
+        self._state.begin_pending = None
+        return closed
 
 
 def make_database(url: str, pool_size: int = 10) -> peewee.Database:

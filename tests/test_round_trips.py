@@ -18,6 +18,7 @@ from billing.accounts import locked_account
 from billing.errors import PaymentRequired
 from billing.organizations import create_organization
 from models import CreditEntry, CreditEntryType, database, is_postgres, write_transaction
+from models import db as models_db
 
 pytestmark = [
     pytest.mark.usefixtures("conn"),
@@ -30,21 +31,23 @@ pytestmark = [
 
 @contextmanager
 def sent() -> Iterator[list[str]]:
-    """Every SQL text this connection sends to the server, in order."""
+    """Every SQL text the database's cursors hand to the driver, in order (BEGIN included)."""
     texts: list[str] = []
 
-    class Recording(psycopg2.extensions.cursor):
+    class Driver(psycopg2.extensions.cursor):
         def execute(self, query, vars=None):  # type: ignore[no-untyped-def]
-            texts.append(query if isinstance(query, str) else query.decode())
+            texts.append(query if isinstance(query, str) else repr(query))
             return super().execute(query, vars)
 
-    conn = database.obj._state.conn
-    previous = conn.cursor_factory
-    conn.cursor_factory = Recording
+    class Recording(models_db._BeginFirstCursor, Driver):
+        pass
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(models_db, "_BeginFirstCursor", Recording)
     try:
         yield texts
     finally:
-        conn.cursor_factory = previous
+        patch.undo()
 
 
 def _funded() -> str:
