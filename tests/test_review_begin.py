@@ -1,0 +1,71 @@
+"""Review of three hot-path changes on PostgreSQL: the deferred BEGIN (models/db.py,
+_PostgresqlDatabase), models.prepared.loaded, and handlers/prebuilt.py. Each test states what
+must hold; a failing one reproduces a break (see the docstring for the cause)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+
+import peewee
+import pytest
+
+from billing.organizations import create_organization
+from models import Organization, database, write_transaction
+
+on_postgres = pytest.mark.skipif(
+    not os.environ.get("TEST_DATABASE_URL", "").startswith("postgres"),
+    reason="the deferred BEGIN is PostgreSQL's",
+)
+
+
+def _name(org_id: str) -> str:
+    return Organization.get_by_id(org_id).name
+
+
+@on_postgres
+@pytest.mark.usefixtures("conn")
+def test_a_first_statement_the_driver_refuses_does_not_take_the_transaction_with_it():
+    """psycopg2 refuses a string with a NUL before sending anything (ValueError). As the
+    transaction's first statement it consumes the pending BEGIN, which is then never sent: a
+    caller that catches the error and goes on writes in autocommit, and the rollback that
+    follows undoes nothing. With BEGIN sent on its own (d74142f^) the write is rolled back."""
+    org = create_organization("before")
+    with pytest.raises(RuntimeError), write_transaction():
+        with suppress(ValueError):
+            Organization.get_or_none(Organization.name == "nul\x00here")
+        Organization.update(name="half-written").where(Organization.id == org.id).execute()
+        raise RuntimeError("the unit of work fails: nothing it wrote may stay")
+    assert _name(org.id) == "before"
+
+
+@on_postgres
+@pytest.mark.usefixtures("conn")
+def test_a_first_statement_with_a_syntax_error_does_not_take_the_transaction_with_it():
+    """PostgreSQL parses a simple-query message whole before running any of it: a syntax error
+    in the first statement rejects `BEGIN;<statement>` entirely, BEGIN included. The next
+    statement runs in autocommit and survives the rollback. With BEGIN on its own, the syntax
+    error aborts the transaction and the next write cannot happen (or is rolled back)."""
+    org = create_organization("before")
+    with pytest.raises(RuntimeError), write_transaction():
+        with suppress(peewee.ProgrammingError):
+            database.execute_sql("SELEC 1")
+        with suppress(peewee.DatabaseError):
+            Organization.update(name="half-written").where(Organization.id == org.id).execute()
+        raise RuntimeError("the unit of work fails: nothing it wrote may stay")
+    assert _name(org.id) == "before"
+
+
+# ---- handlers/prebuilt.py (8bfc616) ---------------------------------------------------------
+
+
+def test_the_spec_is_served_when_the_app_runs_under_a_root_path(app):
+    """Behind a proxy that mounts the app under a prefix (ASGI root_path, uvicorn --root-path),
+    Connexion's spec middleware routes on the path without the root path; SpecPathsMiddleware
+    compares the raw scope path with '/openapi.json', finds no match and skips the middleware:
+    the spec is a 404. Before 8bfc616 (parent 4ba3569) it was served (200)."""
+    with app.test_client(root_path="/api") as client:
+        spec = client.get("/api/openapi.json")
+        assert client.get("/api/healthz").status_code == 200  # the app itself is reachable
+    assert spec.status_code == 200
+    assert spec.json()["openapi"].startswith("3.")
