@@ -69,3 +69,36 @@ def test_the_spec_is_served_when_the_app_runs_under_a_root_path(app):
         assert client.get("/api/healthz").status_code == 200  # the app itself is reachable
     assert spec.status_code == 200
     assert spec.json()["openapi"].startswith("3.")
+
+
+def test_a_body_less_post_with_a_charset_without_a_codec_is_a_400_not_a_500(client, org):
+    """8bfc616 says a charset with no codec is a 400. Not on a request without a body to an
+    operation whose body has a default (dev/complete-local): Connexion encodes the default body
+    with the client's charset (`_insert_body`), outside the `_parse` that now catches
+    LookupError, and the answer is a 500. Not a regression: before 8bfc616 it was a 500 too."""
+    response = client.post(
+        f"/v1/billing/{org.id}/dev/complete-local",
+        headers={**org.owner, "Content-Type": "application/json;charset=bogus"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_a_token_whose_subject_holds_a_nul_is_refused_not_a_500(client, org):
+    """Outside the three changes (also at e79d433): a validly signed token whose `sub` contains
+    U+0000 reaches the membership read, psycopg2 refuses the NUL (ValueError) and the answer is
+    a 500. A subject no membership can have should be a 404 (or 401)."""
+    import time
+
+    import jwt
+
+    from billing.config import get_settings
+
+    settings = get_settings()
+    token = jwt.encode(
+        {"sub": "owner\x00", "exp": int(time.time()) + 600}, settings.jwt_secret.get_secret_value(), "HS256"
+    )
+    response = client.get(
+        f"/v1/billing/{org.id}/credits", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code in (401, 404), response.text
