@@ -56,6 +56,22 @@ def test_a_first_statement_with_a_syntax_error_does_not_take_the_transaction_wit
     assert _name(org.id) == "before"
 
 
+
+@on_postgres
+@pytest.mark.usefixtures("conn")
+def test_a_composed_statement_runs_first_in_a_transaction_as_it_does_outside_one():
+    """psycopg2 takes `psycopg2.sql.Composable` statements (its safe way to build identifiers),
+    and Peewee passes them through. As a transaction's first statement, `"BEGIN;" + sql` raises
+    TypeError (str + Composed) before anything is sent. Fine outside a transaction, and inside
+    one before d74142f."""
+    from psycopg2 import sql
+
+    query = sql.SQL("SELECT {}").format(sql.Literal(7))
+    assert database.execute_sql(query).fetchone() == (7,)
+    with write_transaction():
+        assert database.execute_sql(query).fetchone() == (7,)
+
+
 # ---- handlers/prebuilt.py (8bfc616) ---------------------------------------------------------
 
 
