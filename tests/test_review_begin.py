@@ -72,6 +72,56 @@ def test_a_composed_statement_runs_first_in_a_transaction_as_it_does_outside_one
         assert database.execute_sql(query).fetchone() == (7,)
 
 
+
+@on_postgres
+@pytest.mark.usefixtures("conn")
+def test_a_raw_cursor_statement_in_a_transaction_is_part_of_it():
+    """`Database.cursor()` is Peewee's public way to run a statement by hand. It does not go
+    through `_execute_cursor`, so the pending BEGIN is not sent in front of it: as the first
+    statement of a transaction it runs in autocommit and survives the rollback. With BEGIN on
+    its own (d74142f^) it is rolled back with its transaction."""
+    org = create_organization("before")
+    with pytest.raises(RuntimeError), write_transaction():
+        database.cursor().execute(
+            "UPDATE organizations SET name = 'half-written' WHERE id = %s", (org.id,)
+        )
+        raise RuntimeError("the unit of work fails: nothing it wrote may stay")
+    assert _name(org.id) == "before"
+
+
+@on_postgres
+@pytest.mark.usefixtures("conn")
+def test_the_query_log_shows_each_statement_as_issued():
+    """Peewee logs (and passes to its query hooks) the SQL `_execute_cursor` is given; the
+    deferred BEGIN rewrites it first, so a transaction's first statement is logged as
+    "BEGIN;SELECT ...". Anything that reads statements by their text (the project's own
+    tests/test_unit_of_work.py counts account locks with `startswith("SELECT")`: 10 of its 13
+    tests fail on PostgreSQL at d74142f, all pass at d74142f^) stops recognising them."""
+    import logging
+
+    from billing.accounts import locked_account
+
+    org = create_organization("logged")
+    statements: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if isinstance(record.msg, tuple):
+                statements.append(record.msg[0])
+
+    logger = logging.getLogger("peewee")
+    handler, level = Collect(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with locked_account(org.id):
+            pass
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert statements and statements[0].startswith("SELECT"), statements[:1]
+
+
 # ---- handlers/prebuilt.py (8bfc616) ---------------------------------------------------------
 
 
