@@ -122,6 +122,34 @@ def test_the_query_log_shows_each_statement_as_issued():
     assert statements and statements[0].startswith("SELECT"), statements[:1]
 
 
+
+@on_postgres
+def test_an_abandoned_manual_begin_does_not_follow_the_thread_to_its_next_connection(db):
+    """The pending BEGIN is thread state (`_state.begin_pending`), and neither `close()` nor
+    `connect()` clears it. A manual transaction (Peewee's `manual_commit()` + `begin()`)
+    abandoned before its first statement leaves it set: the thread's next connection puts
+    BEGIN in front of its first plain (autocommit) statement, which then never commits; the
+    pool rolls it back on check-in and the write is lost. Before d74142f, BEGIN was sent, the
+    pool rolled the abandoned transaction back on check-in, and the next connection was clean."""
+    import psycopg2
+
+    with database.connection_context():
+        org = create_organization("before")
+    with pytest.raises(RuntimeError), database.connection_context():
+        with database.manual_commit():
+            database.begin()
+            raise RuntimeError("abandoned before any statement, without a rollback")
+    with database.connection_context():
+        Organization.update(name="written").where(Organization.id == org.id).execute()
+    other = psycopg2.connect(dbname=database.obj.database, **database.obj.connect_params)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT name FROM organizations WHERE id = %s", (org.id,))
+            assert cursor.fetchone() == ("written",)
+    finally:
+        other.close()
+
+
 # ---- handlers/prebuilt.py (8bfc616) ---------------------------------------------------------
 
 
