@@ -196,3 +196,22 @@ def test_a_token_whose_subject_holds_a_nul_is_refused_not_a_500(client, org):
         f"/v1/billing/{org.id}/credits", headers={"Authorization": f"Bearer {token}"}
     )
     assert response.status_code in (401, 404), response.text
+
+
+def test_a_body_in_its_declared_charset_with_a_non_ascii_letter_is_not_a_500(client, org):
+    """Outside the three changes (also at 4ba3569), in the charset handling 8bfc616 hardened:
+    request validation decodes the body with the declared charset (latin-1: valid, accepted),
+    but the handler's body is parsed from the raw bytes as UTF-8, fails, and reaches the
+    handler empty: `body["name"]` is a KeyError, a 500. Same for credit adjustments and usage
+    (cp1252, cp500 too). Either honour the charset or refuse it with a 400."""
+    from tests.conftest import SERVICE_HEADERS
+
+    body = '{"name": "Caf\u00e9 org"}'.encode("latin-1")
+    response = client.put(
+        f"/v1/service/organizations/{org.id}",
+        content=body,
+        headers={**SERVICE_HEADERS, "Content-Type": "application/json;charset=latin-1"},
+    )
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 200:
+        assert response.json()["name"] == "Caf\u00e9 org"
