@@ -12,9 +12,12 @@ import uuid
 from typing import Any
 
 import pytest
+from peewee import IntegrityError
 from prometheus_client import REGISTRY
 
-from billing import webhooks
+from billing import ledger, webhooks
+from billing.accounts import locked_account
+from billing.errors import Conflict, InvalidRequest
 from billing.organizations import create_organization
 from billing.units import CENT, DOLLAR
 from models import (
@@ -824,3 +827,161 @@ def test_an_event_naming_only_a_customer_is_for_that_customers_organization(org)
     assert stored(result).organization_id == other
     assert account(other).stripe_subscription_id == "sub_by_customer"
     assert account(org.id).stripe_subscription_id is None
+
+
+def legacy_top_up(org_id: str, pi: str) -> None:
+    """A $10 top-up granted before payments were tracked: only its ledger entry names it."""
+    with database.connection_context(), locked_account(org_id) as locked:
+        ledger.grant(locked, 10 * DOLLAR, "top_up", reference_id=pi, idempotency_ref=f"topup:{pi}")
+
+
+def anonymous_refund(pi: str, charge_id: str) -> dict[str, Any]:
+    """A refund naming its PaymentIntent and charge only: no customer, no metadata."""
+    return stripe_object(
+        "charge",
+        id=charge_id,
+        payment_intent=pi,
+        customer=None,
+        amount=1000,
+        amount_refunded=1000,
+        currency="usd",
+        refunded=True,
+        metadata={},
+    )
+
+
+def test_a_refund_of_a_legacy_top_up_is_for_the_organization_its_grant_names(org):
+    legacy_top_up(org.id, "pi_legacy")
+    result = receive("charge.refunded", anonymous_refund("pi_legacy", "ch_legacy"))
+    assert stored(result).organization_id == org.id
+    assert stored(result).outcome == f"refund: reversed {10 * DOLLAR}"
+    assert account(org.id).credits_balance == 0
+
+
+def test_a_refund_of_a_payment_unknown_to_the_ledger_is_for_its_customer(org):
+    legacy_top_up(org.id, "pi_legacy")  # another organization's entries name other payments
+    with database.connection_context():
+        other = create_organization("other").id
+    link_customer(other)
+    refund = charge(other, refunded_cents=1000, pi="pi_unknown", charge_id="ch_unknown")
+    result = receive("charge.refunded", refund)
+    assert stored(result).organization_id == other
+    assert account(org.id).credits_balance == 10 * DOLLAR
+
+
+def test_a_refund_naming_only_a_payment_intent_we_recorded_is_for_its_organization(org):
+    """The payment is recorded (flagged, so no ledger entry names it) without its charge."""
+    link_customer(org.id)
+    session = top_up_session(org.id, pi="pi_flagged", amount_decimillicents=5 * DOLLAR)
+    assert outcome_of("checkout.session.completed", session).startswith("top-up flagged")
+    result = receive("charge.refunded", anonymous_refund("pi_flagged", "ch_flagged"))
+    assert stored(result).organization_id == org.id
+    assert stored(result).outcome == "refund: the payment bought no credits (yet)"
+
+
+def test_a_handled_event_for_no_organization_of_ours_is_ignored(org):
+    before = counted("customer.subscription.created", "ignored")
+    obj = sub_object(org.id, sub="sub_stranger", metadata={}) | {"customer": "cus_stranger"}
+    result = receive("customer.subscription.created", obj)
+    assert (result.processed, stored(result).outcome, stored(result).organization_id) == (
+        False,
+        "ignored",
+        None,
+    )
+    assert counted("customer.subscription.created", "ignored") == before + 1
+    with database.connection_context():
+        assert StripeSubscription.get_or_none(StripeSubscription.id == "sub_stranger") is None
+
+
+def test_an_event_the_domain_refuses_leaves_no_row_and_touches_no_other_event(org):
+    """A recharge of nothing is a 400: its own row goes; a processed event and another
+    delivery still in flight (stored, not yet processed) stay."""
+    processed = receive("customer.tax_id.created", {"id": "txi_3", "object": "tax_id"})
+    with database.connection_context():
+        WebhookEvent.create(
+            id="evt_in_flight", event_type="invoice.paid", stripe_created=T, payload="{}"
+        )
+    intent = recharge_intent(org.id, "pi_nothing", None, amount=0, amount_received=0)
+    body, signature = signed("payment_intent.succeeded", intent)
+    with pytest.raises(InvalidRequest):
+        deliver(body, signature)
+    with database.connection_context():
+        left = {e.id for e in WebhookEvent.select()}
+    assert left == {processed.event_id, "evt_in_flight"}
+    assert account(org.id).credits_balance == 0
+
+
+def test_an_event_stored_but_never_processed_is_processed_when_stripe_retries(org):
+    """The first delivery died after storing the event: the retry applies it."""
+    link_customer(org.id)
+    body, signature = signed(
+        "payment_intent.succeeded", top_up_intent(org.id, pi="pi_retried", ordered=10 * DOLLAR)
+    )
+    with database.connection_context():
+        WebhookEvent.create(
+            id=event_id(body),
+            event_type="payment_intent.succeeded",
+            stripe_created=T,
+            payload=body.decode(),
+        )
+    result = deliver(body, signature)
+    assert (result.processed, result.idempotent) == (True, False)
+    assert stored(result).outcome == "top-up granted"
+    assert account(org.id).credits_balance == 10 * DOLLAR
+
+
+# --- the order in our metadata, and what a flagged or repeated top-up reports ---------------
+
+
+@pytest.mark.parametrize(
+    ("text", "cents", "outcome"),
+    [
+        ("1000000000000000", 10**10, "top-up granted"),  # 10**15, 16 digits: the largest
+        ("1000000000000001", 10**10, "flagged: no order on record for this payment"),
+        ("00000000100000000", 1000, "flagged: no order on record for this payment"),  # 17
+        ("0", 1000, "flagged: no order on record for this payment"),
+        ("1", 1000, "flagged: Stripe reports 1000 USD cents for an order of 0"),
+    ],
+)
+def test_the_ordered_amount_in_metadata_is_a_bounded_positive_integer(org, text, cents, outcome):
+    link_customer(org.id)
+    session = top_up_session(org.id, pi="pi_meta_amount", cents=cents)
+    session["metadata"]["amount_decimillicents"] = text
+    expected = outcome.replace("flagged: ", "top-up flagged, not credited: ")
+    assert outcome_of("checkout.session.completed", session) == expected
+
+
+def test_a_flagged_top_up_is_logged(org, caplog):
+    link_customer(org.id)
+    intent = top_up_intent(org.id, pi="pi_short_logged", cents=500, ordered=10 * DOLLAR)
+    with caplog.at_level(logging.WARNING, logger="billing.webhooks"):
+        receive("payment_intent.succeeded", intent)
+    reason = "Stripe reports 500 USD cents for an order of 1000"
+    assert f"top-up pi_short_logged flagged, not credited: {reason}" in caplog.messages
+
+
+def test_the_second_report_of_a_granted_top_up_says_it_was_already_granted(org):
+    link_customer(org.id)
+    top_up_paid(org.id, "pi_reported_twice", charge_id=None)
+    session = top_up_session(org.id, pi="pi_reported_twice", amount_decimillicents=10 * DOLLAR)
+    assert outcome_of("checkout.session.completed", session) == "top-up already granted"
+    assert account(org.id).credits_balance == 10 * DOLLAR
+
+
+def test_an_integrity_error_while_applying_is_a_conflict_that_leaves_the_event_to_retry(
+    org, monkeypatch
+):
+    """Another delivery recorded the same Stripe object meanwhile (simulated): a 409, so
+    Stripe retries; nothing is applied and the event stays unprocessed."""
+    link_customer(org.id)
+
+    def recorded_meanwhile(*args: Any, **kwargs: Any) -> str:
+        raise IntegrityError("duplicate key value violates unique constraint")
+
+    monkeypatch.setattr(webhooks, "record_subscription_event", recorded_meanwhile)
+    body, signature = signed("customer.subscription.created", sub_object(org.id))
+    with pytest.raises(Conflict) as refused:
+        deliver(body, signature)
+    assert refused.value.detail == "another event recorded this Stripe object at the same time"
+    with database.connection_context():
+        assert WebhookEvent.get_by_id(event_id(body)).processed_at is None
