@@ -712,3 +712,39 @@ def test_the_worker_loop_logs_a_failed_drain_and_polls_again(org, other_org, cap
     [failure] = [r for r in caplog.records if r.exc_info]
     assert failure.getMessage() == "auto-recharge drain failed"
     assert str(failure.exc_info[1]) == "unexpected answer"
+
+
+@pytest.mark.skipif(
+    not __import__("os").environ.get("TEST_DATABASE_URL", "").startswith("postgres"),
+    reason="SKIP LOCKED needs PostgreSQL's row locks (SQLite has one writer lock)",
+)
+def test_a_claim_skips_a_request_another_worker_holds_instead_of_waiting_for_it(db):
+    """Workers share the outbox: while another worker's transaction holds the request due first,
+    a claim takes the next one. Without SKIP LOCKED it would queue behind that worker; here the
+    wait is cut short by a lock timeout, so the mutant fails instead of hanging."""
+    import psycopg2
+
+    from models import database
+
+    org_a = create_organization("held").id
+    org_b = create_organization("free").id
+    earlier = utcnow() - dt.timedelta(minutes=5)
+    held = attempt(org_a, next_attempt_at=earlier)
+    free = attempt(org_b)
+    other = psycopg2.connect(dbname=database.obj.database, **database.obj.connect_params)
+    try:
+        with other.cursor() as cursor:  # another worker's open claim transaction
+            cursor.execute(
+                "SELECT id FROM auto_recharge_requests WHERE id = %s FOR UPDATE", (held.id,)
+            )
+            database.execute_sql("SET lock_timeout = '3s'")
+            try:
+                claimed = auto_recharge._claim_next(get_settings())
+            finally:
+                database.execute_sql("SET lock_timeout = 0")
+        assert claimed is not None and claimed.id == free.id
+        assert fresh(free).status == "processing"
+        other.rollback()
+        assert fresh(held).status == "pending"
+    finally:
+        other.close()
