@@ -98,12 +98,16 @@ class PrebuiltRequestValidationOperation(RequestValidationOperation):
     accepted media types and each body validator built once for the operation."""
 
     @functools.cached_property
-    def _parameter_validator(self) -> Any:
+    def _uri_parser(self) -> Any:
+        """The operation's URI parser: the parameter and body validators each built their own."""
         operation = self._operation
-        uri_parser = operation._uri_parser_class(operation.parameters, operation.body_definition())
+        return operation.uri_parser_class(operation.parameters, operation.body_definition())
+
+    @functools.cached_property
+    def _parameter_validator(self) -> Any:
         return self._validator_map["parameter"](
-            operation.parameters,
-            uri_parser=uri_parser,
+            self._operation.parameters,
+            uri_parser=self._uri_parser,
             strict_validation=self.strict_validation,
             security_query_params=self.security_query_params,
         )
@@ -146,9 +150,7 @@ class PrebuiltRequestValidationOperation(RequestValidationOperation):
             nullable=is_nullable(operation.body_definition(mime_type)),
             encoding=encoding,
             strict_validation=self.strict_validation,
-            uri_parser=operation.uri_parser_class(
-                operation.parameters, operation.body_definition()
-            ),
+            uri_parser=self._uri_parser,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
