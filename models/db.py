@@ -15,6 +15,7 @@ import contextvars
 import logging
 import os
 import random
+import select
 import sqlite3
 import threading
 import time
@@ -137,6 +138,35 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
         closed = bool(super().close())  # refuses inside an open transaction, flag and all
         self._state.begin_pending = None
         return closed
+
+    def _is_closed(self, conn: Any) -> bool:
+        """The pool's check of an idle connection it is about to hand out, without a round trip.
+
+        Peewee's own check sends `SELECT 1` on every checkout, inside the pool's lock: one more
+        round trip per request, and every thread's checkout queued behind it. A connection the
+        server has ended (a restart, `pg_terminate_backend`, an idle timeout) has its end on
+        the socket already (the server's error message, then EOF), so a readable socket says
+        enough: such a connection is closed and replaced. An idle connection has nothing to
+        read; if a harmless asynchronous message is waiting, replacing it costs one connect.
+        A connection whose peer vanished without a word would hang a `SELECT 1` too.
+        """
+        if conn.closed:
+            return True
+        status = conn.get_transaction_status()
+        if status == psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN:
+            return True
+        if status != _IDLE:
+            try:
+                conn.rollback()
+            except Exception:
+                return True
+            return False
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        if not poller.poll(0):
+            return False
+        self._close_raw(conn)  # the pool only drops it; close the socket too
+        return True
 
 
 def make_database(url: str, pool_size: int = 10) -> peewee.Database:
