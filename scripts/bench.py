@@ -1,12 +1,14 @@
 """HTTP benchmark (not a test): our server under gunicorn vs a bare Starlette baseline.
 
-    python -m scripts.bench [--seconds 10] [--connections 32]
+    python -m scripts.bench [--seconds 10] [--connections 32] [--database sqlite|postgres]
 
-Both run under gunicorn with the same worker count over the same seeded SQLite database, on
-loopback, driven by wrk (Debian package `wrk`). Prints requests/s, p50 and p99 for GET credits,
-GET credits/history, POST usage (a fresh reference per request) and POST webhooks (a signed,
-already-stored event: the idempotent path), and for the baseline's GET credits and POST usage,
-with the ratios ours/baseline (throughput and p99) measured in the same run.
+Both run under gunicorn with the same worker count over the same seeded database (SQLite by
+default; `--database postgres` uses its own database `billing_bench_api` on the local PostgreSQL,
+or BENCH_POSTGRES_URL), on loopback, driven by wrk (Debian package `wrk`). Prints requests/s,
+p50 and p99 for GET credits, GET credits/history, POST usage (a fresh reference per request)
+and POST webhooks (a signed, already-stored event: the idempotent path), and for the baseline's
+GET credits and POST usage, with the ratios ours/baseline (throughput and p99) measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import stripe
 
-from scripts.local_server import BIN, ROOT, LocalServer, free_port
+from scripts.local_server import BIN, ROOT, LocalServer, free_port, postgres_database
 
 WEBHOOK_SECRET = "whsec_bench_secret"
 
@@ -90,7 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args(argv)
+    database_url = None
+    if args.database == "postgres":
+        database_url = os.environ.get("BENCH_POSTGRES_URL") or postgres_database(
+            "billing_bench_api"
+        )
+        if database_url is None:
+            print("no PostgreSQL reachable", file=sys.stderr)
+            return 2
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk", file=sys.stderr)
         return 2
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "BILLING_LOCAL_MODE": "false",
     }
     rows: list[tuple[str, dict[str, float]]] = []
-    with LocalServer(workers=args.workers, extra_env=env) as server:
+    with LocalServer(database_url, workers=args.workers, extra_env=env) as server:
         # Stripe keys are only used to verify webhooks here; nothing calls Stripe.
         auth = {"Authorization": f"Bearer {server.token}"}
         org = server.organization_id
@@ -186,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             baseline.terminate()
             baseline.wait(timeout=30)
     print(
-        f"\n{args.connections} connections, {args.workers} workers, median of {args.rounds} "
-        f"interleaved rounds of {args.seconds}s; load {os.getloadavg()[0]:.2f}"
+        f"\n{args.database}, {args.connections} connections, {args.workers} workers, "
+        f"median of {args.rounds} interleaved rounds of {args.seconds}s; "
+        f"load {os.getloadavg()[0]:.2f}"
     )
     print(
         f"{'target':<28}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}"
