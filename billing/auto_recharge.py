@@ -6,9 +6,10 @@ Rules (the enqueue policy lives in `billing.recharge_policy`):
   with `lease_expires_at`; a request whose lease ran out (its worker died) is claimable
   again by any worker, up to `AUTO_RECHARGE_MAX_ATTEMPTS` claims in all;
 - every claim of one request charges with the same Stripe idempotency key
-  (`auto-recharge:{attempt_id}`), and the attempt id is in the PaymentIntent's metadata
-  before the call, so a takeover never charges twice and webhooks can settle the attempt by
-  its id even when the worker died before it learned the PaymentIntent id;
+  (`auto-recharge:{attempt_id}`) and the same card (pinned at its first charge), and the
+  attempt id is in the PaymentIntent's metadata before the call, so a takeover never charges
+  twice and webhooks can settle the attempt by its id even when the worker died before it
+  learned the PaymentIntent id;
 - a worker writes an outcome only while it still owns its claim (status `processing` and
   the claim number it took), so a worker that lost its lease cannot overwrite a newer state;
 - success grants credits once per payment; a decline or a permanent refusal fails the
@@ -222,7 +223,7 @@ def process_one(gateway: BillingGateway, settings: Settings) -> str | None:
         outcome = gateway.charge_off_session(
             org,
             snapshot.stripe_customer_id,
-            snapshot.stripe_payment_method_id,
+            _pinned_card(request, snapshot.stripe_payment_method_id),
             request.amount,
             request.id,
         )
@@ -252,6 +253,28 @@ def process_one(gateway: BillingGateway, settings: Settings) -> str | None:
                 stripe_payment_intent_id=outcome.payment_intent_id,
             )
     return outcome.status
+
+
+def _pinned_card(request: AutoRechargeRequest, saved: str) -> str:
+    """The card this attempt charges: the one saved when it was first charged.
+
+    Every claim repeats the same Stripe request (same idempotency key), and Stripe refuses a
+    key reused with other parameters. Were a retry to take a card saved since (during an
+    outage's backoff), it would be refused until the attempts ran out, and, had the lost
+    first answer been a success, a fresh key would charge the customer twice. The first
+    claim to charge pins the card; a takeover reads what it pinned."""
+    if request.stripe_payment_method_id:
+        return request.stripe_payment_method_id
+    AutoRechargeRequest.update(stripe_payment_method_id=saved).where(
+        (AutoRechargeRequest.id == request.id)
+        & AutoRechargeRequest.stripe_payment_method_id.is_null()
+    ).execute()
+    pinned = (
+        AutoRechargeRequest.select(AutoRechargeRequest.stripe_payment_method_id)
+        .where(AutoRechargeRequest.id == request.id)
+        .scalar()
+    )
+    return str(pinned)
 
 
 def _supersede_challenges(organization_id: str, keep: str) -> None:

@@ -56,8 +56,9 @@ class ChargeOutcome:
     payment_intent_id: str | None
     client_secret: str | None = None
     failure_reason: str | None = None
-    # "declined" (the card said no) or "permanent" (Stripe refused the request itself)
-    failure_kind: Literal["declined", "permanent"] | None = None
+    # "declined" (the card said no), "permanent" (Stripe refused the request itself), or
+    # "transient" (Stripe refused to repeat it: not the customer's doing, not counted)
+    failure_kind: Literal["declined", "permanent", "transient"] | None = None
 
 
 class BillingGateway(Protocol):
@@ -257,6 +258,17 @@ class StripeGateway:
             reason = exc.user_message or exc.code or "card_declined"
             return ChargeOutcome(
                 "failed", failed_id, None, f"the card was declined: {reason}"[:500], "declined"
+            )
+        except stripe.IdempotencyError:
+            # The key was first used with other parameters: every retry of this attempt would
+            # get the same answer. Fail it (not the customer's doing: uncounted) and free the
+            # organization's slot for a new attempt, rather than retry until attempts run out.
+            return ChargeOutcome(
+                "failed",
+                None,
+                None,
+                "the payment provider refused to repeat this charge with other parameters",
+                "transient",
             )
         except stripe.InvalidRequestError as exc:
             # 400/404: a detached card, a deleted customer, bad parameters. Retrying the same

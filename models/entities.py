@@ -177,6 +177,8 @@ class AutoRechargeRequest(BaseModel):
     next_attempt_at = peewee.DateTimeField(default=utcnow)
     lease_expires_at = peewee.DateTimeField(null=True)
     failure_kind = peewee.CharField(max_length=16, null=True)
+    # The card the attempt charges, pinned at its first charge (every retry repeats the request).
+    stripe_payment_method_id = peewee.CharField(max_length=255, null=True)
 
     class Meta:
         table_name = "auto_recharge_requests"

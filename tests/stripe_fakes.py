@@ -103,6 +103,17 @@ def _nested(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return out
 
 
+IDEMPOTENCY_ERROR = {
+    "error": {
+        "type": "idempotency_error",
+        "message": (
+            "Keys for idempotent requests can only be used with the same parameters they were "
+            "first used with. Try using a key other than the one used with the original request."
+        ),
+    }
+}
+
+
 class FixtureFront:
     def __init__(self, backend: str) -> None:
         self.backend = backend
@@ -114,6 +125,12 @@ class FixtureFront:
         # customer to authenticate (localstripe cannot): see `authentication_required`.
         self.require_authentication = False
         self.authentication_intents: list[dict[str, Any]] = []
+        # Drop the answer of the next request after Stripe has processed it (a lost response:
+        # the caller sees a broken connection, the charge did happen).
+        self.lose_next_answer = False
+        # Stripe's idempotency: a key's first processed request and its answer. A repeat with
+        # the same parameters gets the same answer; with others, a 400 idempotency_error.
+        self._answered: dict[str, tuple[tuple[str, str, str], int, bytes]] = {}
         self._fixtures = fixtures()
         front = self
 
@@ -152,7 +169,20 @@ class FixtureFront:
                     return self._respond(200, json.dumps(front.checkout(params)).encode())
                 if self.command == "POST" and path == "/v1/billing_portal/sessions":
                     return self._respond(200, json.dumps(front.portal(params)).encode())
+                key = self.headers.get("Idempotency-Key")
+                request = (self.command, path, json.dumps(params, sort_keys=True))
+                if key is not None and key in front._answered:
+                    first, status, content = front._answered[key]
+                    if first != request:
+                        return self._respond(400, json.dumps(IDEMPOTENCY_ERROR).encode())
+                    return self._respond(status, content)
                 upstream = forward(self, front.backend, raw, timeout=10)
+                if key is not None and self.command == "POST":
+                    front._answered[key] = (request, upstream.status_code, upstream.content)
+                if front.lose_next_answer:
+                    front.lose_next_answer = False
+                    self.close_connection = True
+                    return  # nothing is written back: the client's connection breaks
                 self._respond(upstream.status_code, upstream.content)
 
             do_GET = do_POST = do_DELETE = _handle

@@ -201,3 +201,65 @@ def test_provider_outage_requeues(org, conn_stripe):
     drain(get_gateway(), get_settings())
     assert AutoRechargeRequest.get().status == "succeeded"
     assert BillingAccount.get_by_id(org.id).credits_balance == 24 * DOLLAR
+
+
+def _new_card(backend: str, customer_id: str) -> str:
+    client = stripe.StripeClient(API_KEY, base_addresses={"api": backend})
+    method = client.v1.payment_methods.create(
+        params={
+            "type": "card",
+            "card": {"number": CARDS["ok"], "exp_month": 11, "exp_year": 2031, "cvc": "123"},
+        }
+    )
+    client.v1.payment_methods.attach(method.id, params={"customer": customer_id})
+    return str(method.id)
+
+
+def test_a_card_saved_during_the_backoff_does_not_change_the_retried_charge(org, conn_stripe):
+    """The first charge reached Stripe and went through, but its answer was lost; while the
+    attempt waits out its backoff, the organization saves another card. The retry repeats the
+    first request (same key, same card) and gets the first answer: one charge, granted once.
+    With the newly saved card it was a different request under the same key, which Stripe
+    refuses (idempotency_error), retried until the attempts ran out."""
+    customer_id, first_card = saved_card(conn_stripe.backend, org.id, "ok")
+    arm(org.id)
+    conn_stripe.lose_next_answer = True
+    assert drain(get_gateway(), get_settings(), limit=1) == 1
+    attempt = AutoRechargeRequest.get()
+    assert attempt.status == "pending"  # a broken connection reads as an outage
+    assert attempt.stripe_payment_method_id == first_card
+    second_card = _new_card(conn_stripe.backend, customer_id)
+    BillingAccount.update(stripe_payment_method_id=second_card).where(
+        BillingAccount.organization == org.id
+    ).execute()
+    AutoRechargeRequest.update(next_attempt_at=AutoRechargeRequest.created_at).execute()
+    drain(get_gateway(), get_settings())
+    attempt = AutoRechargeRequest.get()
+    assert attempt.status == "succeeded", attempt.failure_reason
+    charges = conn_stripe.sent("POST", "/v1/payment_intents")
+    assert [c["payment_method"] for c in charges] == [first_card, first_card]
+    assert len(set(conn_stripe.idempotency_keys[-2:])) == 1
+    assert BillingAccount.get_by_id(org.id).credits_balance == 24 * DOLLAR
+    assert CreditEntry.select().where(CreditEntry.entry_type == "recharge").count() == 1
+    assert_ledger_invariants(org.id)
+
+
+def test_a_charge_stripe_refuses_to_repeat_fails_the_attempt_at_once(org, conn_stripe):
+    """Should a retry ever differ from its first request, Stripe's idempotency_error is the
+    same on every retry: the attempt fails at once (uncounted: not the customer's doing) and
+    frees the organization's slot, instead of backing off until its attempts are spent."""
+    customer_id, _ = saved_card(conn_stripe.backend, org.id, "ok")
+    arm(org.id)
+    conn_stripe.lose_next_answer = True
+    drain(get_gateway(), get_settings(), limit=1)
+    AutoRechargeRequest.update(
+        stripe_payment_method_id=_new_card(conn_stripe.backend, customer_id),
+        next_attempt_at=AutoRechargeRequest.created_at,
+    ).execute()
+    assert drain(get_gateway(), get_settings()) == 1
+    attempt = AutoRechargeRequest.get()
+    assert (attempt.status, attempt.failure_kind) == ("failed", "transient")
+    assert "other parameters" in attempt.failure_reason
+    account = BillingAccount.get_by_id(org.id)
+    assert account.auto_recharge_failure_count == 0
+    assert account.auto_recharge_in_flight_id is None

@@ -89,9 +89,7 @@ def _committed_elsewhere(entry_id: int) -> bool:
     transaction of this one)."""
     import psycopg2
 
-    other = psycopg2.connect(
-        dbname=database.obj.database, **database.obj.connect_params
-    )
+    other = psycopg2.connect(dbname=database.obj.database, **database.obj.connect_params)
     try:
         with other.cursor() as cursor:
             cursor.execute("SELECT 1 FROM credit_entries WHERE id = %s", (entry_id,))
