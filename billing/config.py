@@ -15,6 +15,8 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me-0000"
+# The stripe library's longest sleep between retries (stripe._http_client.HTTPClient.MAX_DELAY).
+STRIPE_MAX_RETRY_DELAY = 5
 
 
 class ConfigError(RuntimeError):
@@ -133,12 +135,28 @@ class Settings(BaseSettings):
             raise ValueError(
                 "AUTO_RECHARGE_RETRY_MAX_SECONDS must be >= AUTO_RECHARGE_RETRY_BASE_SECONDS"
             )
+        longest_call = self.longest_stripe_call_seconds
+        for name in ("auto_recharge_lease_seconds", "idempotency_lease_seconds"):
+            if getattr(self, name) <= longest_call:
+                raise ValueError(
+                    f"{name.upper()} must be longer than the longest Stripe call "
+                    f"({longest_call:g}s: STRIPE_TIMEOUT_SECONDS x (STRIPE_MAX_RETRIES + 1) "
+                    f"+ {STRIPE_MAX_RETRY_DELAY}s per retry), or a claim could lapse mid-call"
+                )
         if self.stripe_secret_key is not None:
             if self.stripe_webhook_secret is None:
                 raise ValueError("STRIPE_WEBHOOK_SECRET is required with STRIPE_SECRET_KEY")
             if self.jwt_secret.get_secret_value() == DEV_JWT_SECRET:
                 raise ValueError("JWT_SECRET must be set (not the dev default) with Stripe")
         return self
+
+    @property
+    def longest_stripe_call_seconds(self) -> float:
+        """How long one Stripe call can take with the library's retries: every try may wait
+        the full timeout, and the library sleeps at most `STRIPE_MAX_RETRY_DELAY` between
+        tries. A lease (a claim held across a call) must outlast it."""
+        retries = self.stripe_max_retries
+        return self.stripe_timeout_seconds * (retries + 1) + STRIPE_MAX_RETRY_DELAY * retries
 
     @property
     def plan_prices(self) -> dict[str, str]:

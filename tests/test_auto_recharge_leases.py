@@ -153,6 +153,9 @@ def slow_stripe(stripe_mode, monkeypatch):
     env = {
         "STRIPE_API_BASE": front.url,
         "AUTO_RECHARGE_LEASE_SECONDS": str(LEASE_SECONDS),
+        # A lease must outlast the longest Stripe call (settings refuse it otherwise); the
+        # front answers within 0.4s.
+        "STRIPE_TIMEOUT_SECONDS": "0.9",
         "AUTO_RECHARGE_COOLDOWN_SECONDS": "0",
         "AUTO_RECHARGE_MAX_ATTEMPTS": "50",
         "AUTO_RECHARGE_RETRY_BASE_SECONDS": "0",
@@ -174,7 +177,7 @@ def _worker(*args: str, log: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes
         "STRIPE_SECRET_KEY": API_KEY,
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "STRIPE_MAX_RETRIES": "0",
-        "STRIPE_TIMEOUT_SECONDS": "10",
+        "STRIPE_TIMEOUT_SECONDS": "0.9",  # under the 1s lease (settings insist)
         "LOG_LEVEL": "WARNING",
     }
     return subprocess.Popen(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import stripe._http_client
 
-from billing.config import ConfigError, load_settings
+from billing.config import STRIPE_MAX_RETRY_DELAY, ConfigError, load_settings
 from models import ALL_MODELS, database
 from models.migrate import applied_migrations, available_migrations, migrate
 
@@ -25,6 +26,21 @@ def test_bad_configuration_names_the_variable(monkeypatch, env, message):
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("lease", ["AUTO_RECHARGE_LEASE_SECONDS", "IDEMPOTENCY_LEASE_SECONDS"])
+def test_a_lease_must_outlast_the_longest_stripe_call(monkeypatch, lease):
+    """A claim held across a Stripe call must not lapse mid-call (another worker would take it
+    over while the first still waits on Stripe): 20s x (2 + 1) tries + 5s x 2 sleeps = 70s."""
+    monkeypatch.setenv("STRIPE_TIMEOUT_SECONDS", "20")
+    monkeypatch.setenv("STRIPE_MAX_RETRIES", "2")
+    monkeypatch.setenv(lease, "70")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert lease in str(info.value) and "70s" in str(info.value)
+    monkeypatch.setenv(lease, "71")
+    assert getattr(load_settings(), lease.lower()) == 71
+    assert STRIPE_MAX_RETRY_DELAY == stripe._http_client.HTTPClient.MAX_DELAY
 
 
 def test_secrets_do_not_print(monkeypatch):
