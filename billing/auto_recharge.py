@@ -42,7 +42,7 @@ from billing.stripe_gateway import BillingGateway
 from models import (
     AutoRechargeRequest,
     BillingAccount,
-    CreditEntryType,
+    PaymentKind,
     connection,
     locked,
     utcnow,
@@ -320,15 +320,15 @@ def payment_succeeded(
     account: BillingAccount, payment_intent_id: str, amount: int, attempt_id: str | None
 ) -> str:
     """Grant the recharge once per payment (worker and webhook may both report it), on the
-    organization's locked account."""
+    organization's locked account. Recorded as a Stripe payment like a top-up, so a refund or
+    dispute Stripe reported before this success is taken back right after the grant."""
     organization_id = account.organization_id
-    result = ledger.grant(
+    result = ledger.credit_payment(
         account,
-        amount,
-        CreditEntryType.recharge,
-        reason="auto-recharge",
-        reference_id=payment_intent_id,
-        idempotency_ref=f"recharge:{payment_intent_id}",
+        payment_intent_id,
+        kind=PaymentKind.auto_recharge,
+        ordered=amount,
+        grant_amount=amount,
     )
     attempt = _attempt_for(organization_id, payment_intent_id, attempt_id)
     if attempt is not None and attempt.status != AttemptStatus.succeeded:
@@ -343,7 +343,7 @@ def payment_succeeded(
             failure_reason=None,
         )
         recharge_policy.reset_failures(account)
-    return "recharge already granted" if result.replayed else "recharge granted"
+    return "recharge granted" if result.granted_now else "recharge already granted"
 
 
 def payment_failed(

@@ -655,6 +655,9 @@ def credit_payment(
         payment = StripePayment.create(
             id=payment_id, organization=organization_id, kind=kind, ordered_amount=ordered
         )
+    if not payment.granted_amount:
+        # The payment's own report names its kind; a reversal reported before it only guessed.
+        payment.kind = kind
     payment.ordered_amount = payment.ordered_amount or ordered
     payment.charge_id = payment.charge_id or charge_id
     if charged_currency and charged_amount and payment.charged_amount is None:
@@ -662,7 +665,7 @@ def credit_payment(
     if flagged_reason:
         payment.flagged_reason = flagged_reason[:500]
     granted_now = 0
-    if grant_amount and not payment.flagged_reason and payment.granted_amount == 0:
+    if grant_amount is not None and not payment.flagged_reason and payment.granted_amount == 0:
         _check_amount(grant_amount)
         ref = _GRANT_REFS[PaymentKind(payment.kind)].format(payment_id)
         top_up = payment.kind == PaymentKind.top_up

@@ -314,3 +314,53 @@ def test_a_payment_already_tied_to_another_organization_is_refused_not_a_conflic
     with database.connection_context():
         assert BillingAccount.get_by_id(other).credits_balance == 0
         assert payment_row("pi_topup_1").organization_id == org.id
+
+
+def _recharge_attempt(org_id: str, amount: int) -> str:
+    """An auto-recharge attempt in flight, as the worker leaves it before Stripe answers."""
+    from models import AutoRechargeRequest
+
+    with database.connection_context():
+        attempt = AutoRechargeRequest.create(
+            id=str(uuid.uuid4()), organization=org_id, amount=amount, status="processing"
+        )
+    return str(attempt.id)
+
+
+def _recharge_intent(org_id: str, attempt_id: str, cents: int) -> dict:
+    intent = top_up_intent(org_id, cents=cents, pi="pi_recharge_1")
+    intent["metadata"] = {
+        "organization_id": org_id,
+        "kind": "auto_recharge",
+        "attempt_id": attempt_id,
+        "amount_decimillicents": str(cents * CENT),
+    }
+    return intent
+
+
+@pytest.mark.parametrize("reporter", ["webhook", "worker"])
+def test_a_recharge_refunded_before_its_grant_is_taken_back_when_granted(client, org, reporter):
+    """Stripe delivers events in no fixed order: a refund of an auto-recharge can arrive before
+    the success that grants it. The refund is remembered on the payment and taken back right
+    after the grant, whichever reports the success (the webhook or the worker); the grant is
+    still a recharge (not a top-up) under its own reference, made once."""
+    from billing import auto_recharge
+
+    link_customer(org.id)
+    attempt_id = _recharge_attempt(org.id, 20 * DOLLAR)
+    refund = charge(org.id, refunded_cents=2000, amount=2000, pi="pi_recharge_1")
+    assert post(client, "charge.refunded", refund).status_code == 200
+    assert credits(client, org)["creditsBalanceDecimillicents"] == 0
+    if reporter == "webhook":
+        intent = _recharge_intent(org.id, attempt_id, 2000)
+        assert post(client, "payment_intent.succeeded", intent).status_code == 200
+    else:
+        with database.connection_context(), locked_account(org.id) as account:
+            auto_recharge.payment_succeeded(account, "pi_recharge_1", 20 * DOLLAR, attempt_id)
+    assert reversed_total(org.id) == 20 * DOLLAR
+    assert credits(client, org)["creditsBalanceDecimillicents"] == 0
+    with database.connection_context():
+        grants = list(CreditEntry.select().where(CreditEntry.reference_id == "pi_recharge_1"))
+        assert [(e.entry_type, e.amount) for e in grants] == [("recharge", 20 * DOLLAR)]
+        assert grants[0].idempotency_ref == "recharge:pi_recharge_1"
+    assert payment_row("pi_recharge_1").kind == "auto_recharge"
