@@ -158,13 +158,14 @@ def _retry_later(request: AutoRechargeRequest, settings: Settings) -> str:
             )
         return AttemptStatus.failed
     due = utcnow() + dt.timedelta(seconds=_backoff(settings, request.attempts))
-    AutoRechargeRequest.update(
-        status=AttemptStatus.pending,
-        next_attempt_at=due,
-        lease_expires_at=None,
-        updated_at=utcnow(),
-        failure_reason="the payment provider was unavailable; retrying",
-    ).where(_owned(request)).execute()
+    with write_transaction():  # survives a connection the server ended during the call
+        AutoRechargeRequest.update(
+            status=AttemptStatus.pending,
+            next_attempt_at=due,
+            lease_expires_at=None,
+            updated_at=utcnow(),
+            failure_reason="the payment provider was unavailable; retrying",
+        ).where(_owned(request)).execute()
     return AttemptStatus.pending
 
 
@@ -229,8 +230,8 @@ def process_one(gateway: BillingGateway, settings: Settings) -> str | None:
         )
     except UpstreamUnavailable:
         return _retry_later(request, settings)
-    _supersede_challenges(org, keep=request.id)
     with locked_account(org) as account:  # the outcome: one unit of work
+        _supersede_challenges(org, keep=request.id)
         if outcome.status == "succeeded":
             payment_succeeded(account, str(outcome.payment_intent_id), request.amount, request.id)
         elif outcome.status == "requires_action":

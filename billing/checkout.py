@@ -27,6 +27,7 @@ from models import (
     CheckoutStatus,
     CreditEntryType,
     SubscriptionStatus,
+    database,
     locked,
     utcnow,
 )
@@ -44,20 +45,26 @@ def ensure_customer(organization_id: str, gateway: BillingGateway) -> str:
     if account.stripe_customer_id:
         return account.stripe_customer_id
     customer_id = gateway.create_customer(organization_id, account.billing_email)
-    BillingAccount.update(stripe_customer_id=customer_id).where(
-        (BillingAccount.organization == organization_id)
-        & BillingAccount.stripe_customer_id.is_null()
-    ).execute()
+    with database.atomic():  # a transaction's first statement survives a dead connection
+        BillingAccount.update(stripe_customer_id=customer_id).where(
+            (BillingAccount.organization == organization_id)
+            & BillingAccount.stripe_customer_id.is_null()
+        ).execute()
     return str(get_account(organization_id).stripe_customer_id)
 
 
 def _record(
     session: SessionInfo, organization_id: str, kind: CheckoutKind, **details: object
 ) -> SessionInfo:
-    """Store the session Stripe answered with (once, even if an idempotent replay repeats it)."""
-    CheckoutSession.insert(
-        id=session.id, organization=organization_id, kind=kind, url=session.url, **details
-    ).on_conflict_ignore().execute()
+    """Store the session Stripe answered with (once, even if an idempotent replay repeats it).
+
+    In a transaction of its own: after the Stripe call the connection comes fresh from the
+    pool, and a transaction's first statement is repeated on another connection if the server
+    ended that one (`models.db`); an autocommit write could not be."""
+    with database.atomic():
+        CheckoutSession.insert(
+            id=session.id, organization=organization_id, kind=kind, url=session.url, **details
+        ).on_conflict_ignore().execute()
     return session
 
 

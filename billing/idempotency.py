@@ -110,16 +110,20 @@ def run_once(
     except BaseException:
         # Drop the claim only while it is still ours: a slow request whose lease ran out
         # and was taken over must not free the key under the taker (a third request would
-        # then run the work alongside it).
-        IdempotencyRecord.delete().where(
-            (IdempotencyRecord.id == record_id)
-            & IdempotencyRecord.response_body.is_null()
-            & (IdempotencyRecord.lease_expires_at == lease)
-        ).execute()
+        # then run the work alongside it). Each write is a transaction of its own: its first
+        # statement is repeated on a fresh connection should the server have ended this one
+        # during the work (`models.db`), so the claim is never left to its lease.
+        with database.atomic():
+            IdempotencyRecord.delete().where(
+                (IdempotencyRecord.id == record_id)
+                & IdempotencyRecord.response_body.is_null()
+                & (IdempotencyRecord.lease_expires_at == lease)
+            ).execute()
         raise
-    IdempotencyRecord.update(
-        status_code=200, response_body=json.dumps(response), lease_expires_at=None
-    ).where(
-        (IdempotencyRecord.id == record_id) & IdempotencyRecord.response_body.is_null()
-    ).execute()
+    with database.atomic():
+        IdempotencyRecord.update(
+            status_code=200, response_body=json.dumps(response), lease_expires_at=None
+        ).where(
+            (IdempotencyRecord.id == record_id) & IdempotencyRecord.response_body.is_null()
+        ).execute()
     return response

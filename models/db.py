@@ -140,33 +140,72 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
         return closed
 
     def _is_closed(self, conn: Any) -> bool:
-        """The pool's check of an idle connection it is about to hand out, without a round trip.
+        """The pool's check of an idle connection it is about to hand out: no round trip.
 
-        Peewee's own check sends `SELECT 1` on every checkout, inside the pool's lock: one more
-        round trip per request, and every thread's checkout queued behind it. A connection the
-        server has ended (a restart, `pg_terminate_backend`, an idle timeout) has its end on
-        the socket already (the server's error message, then EOF), so a readable socket says
-        enough: such a connection is closed and replaced. An idle connection has nothing to
-        read; if a harmless asynchronous message is waiting, replacing it costs one connect.
-        A connection whose peer vanished without a word would hang a `SELECT 1` too.
+        Peewee's own check sends `SELECT 1` on every checkout, inside the pool's lock: one
+        more round trip per request, and every thread's checkout queued behind it. Here a
+        readable socket says the server ended the connection (its error message, then EOF, are
+        waiting): it is closed and replaced. One the server ended a moment ago, before its end
+        reached the socket, is found by its first statement instead, which `_execute_cursor`
+        repeats on a fresh connection where that is safe.
         """
         if conn.closed:
             return True
-        status = conn.get_transaction_status()
-        if status == psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN:
+        if conn.get_transaction_status() != _IDLE:
+            # Check-in rolled back what was open; a connection that is still not idle cannot
+            # be trusted (psycopg2's rollback() is a no-op in the autocommit mode Peewee uses).
+            self._close_raw(conn)
             return True
-        if status != _IDLE:
-            try:
-                conn.rollback()
-            except Exception:
-                return True
-            return False
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
         if not poller.poll(0):
             return False
         self._close_raw(conn)  # the pool only drops it; close the socket too
         return True
+
+    def _execute_cursor(self, sql: str, params: Any, **cursor_options: Any) -> Any:
+        """Run a statement; if the connection turns out dead (the server ended it while it sat
+        in the pool) and repeating cannot apply anything twice, repeat it on a fresh one.
+
+        Safe to repeat: a transaction's first statement (it travels with its BEGIN, so nothing
+        of the transaction can have been committed) and a SELECT outside a transaction. Any
+        other statement on a dead connection fails as it did.
+        """
+        opens_transaction = self._state.conn is not None and (
+            getattr(self._state, "begin_pending", None) is self._state.conn
+        )
+        for attempt in range(_DEAD_CONNECTION_RETRIES + 1):
+            try:
+                return super()._execute_cursor(sql, params, **cursor_options)
+            except (peewee.OperationalError, peewee.InterfaceError):
+                dead = self._state.conn
+                repeatable = opens_transaction or (not self.in_transaction() and _is_select(sql))
+                if attempt == _DEAD_CONNECTION_RETRIES or dead is None or not dead.closed:
+                    raise
+                if not repeatable:
+                    raise
+                self._replace_dead_connection(dead, begin=opens_transaction)
+        raise AssertionError("unreachable")
+
+    def _replace_dead_connection(self, dead: Any, *, begin: bool) -> None:
+        """Give the dead connection up and put a fresh one from the pool in its place, under
+        the same open contexts (and the same pending BEGIN, if the transaction had one)."""
+        self._close(dead, close_conn=True)
+        fresh = self._connect()
+        self._initialize_connection(fresh)
+        self._state.conn = fresh
+        self._state.closed = False
+        self._state.begin_pending = fresh if begin else None
+        log.warning("a pooled PostgreSQL connection was dead; the statement ran on a fresh one")
+
+
+# A connection the server ended shows on its first statement; the pool may hold more such
+# (they all ended at once), so the repeat takes the next, up to this many times.
+_DEAD_CONNECTION_RETRIES = 3
+
+
+def _is_select(sql: str) -> bool:
+    return sql.lstrip()[:6].upper() == "SELECT"
 
 
 def make_database(url: str, pool_size: int = 10) -> peewee.Database:
