@@ -192,8 +192,15 @@ def _subscription_changed(event: Event, sub: Subscription, account: BillingAccou
     change = record_subscription_event(
         account, state, order, subscription_created=sub.created or sub.start_date
     )
-    if change == SubscriptionChange.applied and state.payment_method_id:
-        recharge_policy.request_if_due(account)  # a card may be on file now
+    # A card may be on file now. A first subscription's welcome credit comes with its first
+    # paid invoice: reconsidering before it would charge for a balance it is about to cover,
+    # so then the paid invoice reconsiders (`_invoice_paid`).
+    if (
+        change == SubscriptionChange.applied
+        and state.payment_method_id
+        and not _welcome_credit_pending(account, state.plan)
+    ):
+        recharge_policy.request_if_due(account)
     return {
         SubscriptionChange.applied: f"subscription {state.status}",
         SubscriptionChange.recorded: f"subscription {sub.id} is not current: recorded",
@@ -223,7 +230,18 @@ def _invoice_paid(event: Event, invoice: Invoice, account: BillingAccount) -> st
     for line in invoice.lines.data if invoice.lines else []:
         plan = _plan_from_price(line.price) or plan
     granted = grant_welcome_credit(account, plan, invoice.payment_intent or invoice.id)
-    return f"{outcome}; welcome credit granted" if granted else outcome
+    if not granted:
+        return outcome
+    recharge_policy.request_if_due(account)  # on the balance the welcome credit leaves
+    return f"{outcome}; welcome credit granted"
+
+
+def _welcome_credit_pending(account: BillingAccount, plan: str | None) -> bool:
+    return (
+        account.welcome_credit_granted_at is None
+        and plan in PLANS
+        and PLANS[plan].welcome_credit > 0
+    )
 
 
 def _invoice_failed(event: Event, invoice: Invoice, account: BillingAccount) -> str:

@@ -622,8 +622,31 @@ def test_a_subscription_that_brings_a_card_reconsiders_auto_recharge(
     org, on_file, subscription_card, requested
 ):
     recharge_due(org.id, card=on_file)
+    with database.connection_context():  # a returning subscriber: its welcome credit is spent
+        BillingAccount.update(welcome_credit_granted_at=utcnow()).where(
+            BillingAccount.organization == org.id
+        ).execute()
     obj = sub_object(org.id, default_payment_method=subscription_card)
     assert outcome_of("customer.subscription.created", obj) == "subscription active"
+    assert recharge_requests(org.id) == requested
+
+
+@pytest.mark.parametrize(("threshold", "requested"), [(5 * DOLLAR, 0), (50 * DOLLAR, 1)])
+def test_a_first_subscription_s_card_waits_for_the_welcome_credit(org, threshold, requested):
+    """A first subscription brings a card before its first invoice is paid, and the welcome
+    credit comes with that invoice: auto-recharge is reconsidered on the balance the welcome
+    credit leaves (20 dollars for pro), not charged for a balance it is about to cover."""
+    recharge_due(org.id, card=None)
+    with database.connection_context():
+        BillingAccount.update(auto_recharge_threshold=threshold).where(
+            BillingAccount.organization == org.id
+        ).execute()
+    obj = sub_object(org.id, sub="sub_first", default_payment_method="pm_sub_card")
+    assert outcome_of("customer.subscription.created", obj) == "subscription active"
+    assert recharge_requests(org.id) == 0
+    paid = invoice(org.id, inv="in_first_paid", sub="sub_first", pi="pi_first_invoice")
+    assert outcome_of("invoice.paid", paid).endswith("welcome credit granted")
+    assert account(org.id).credits_balance == 20 * DOLLAR
     assert recharge_requests(org.id) == requested
 
 
