@@ -243,12 +243,21 @@ def test_workers_killed_at_random_points_converge(slow_stripe):
     rng = random.Random(11)
     orgs = _armed_orgs(front.backend, 3)
     killed_mid_charge = 0
-    for _ in range(22):
+    for round_number in range(22):
         for org_id in orgs:
             _spend_below_threshold(org_id)
         before = sum(front.calls.values())
         worker = _worker("--poll", "0.05")
-        time.sleep(rng.uniform(0.5, 2.5))  # the import takes part of this: kills land anywhere
+        if round_number % 2:
+            # Half the kills wait for the worker's first charge to reach Stripe and land within
+            # it (however long a loaded machine takes to start the worker) ...
+            deadline = time.monotonic() + 60
+            while sum(front.calls.values()) == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+        else:
+            # ... and half land anywhere (the import takes part of this).
+            time.sleep(rng.uniform(0.5, 2.5))
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
         killed_mid_charge += any(front.in_flight) or sum(front.calls.values()) > before
