@@ -7,9 +7,11 @@ Rules (the enqueue policy lives in `billing.recharge_policy`):
   again by any worker, up to `AUTO_RECHARGE_MAX_ATTEMPTS` claims in all;
 - every claim of one request charges with the same Stripe idempotency key
   (`auto-recharge:{attempt_id}`) and the same card (pinned at its first charge), and the
-  attempt id is in the PaymentIntent's metadata before the call, so a takeover never charges
-  twice and webhooks can settle the attempt by its id even when the worker died before it
-  learned the PaymentIntent id;
+  attempt id is in the PaymentIntent's metadata before the call, so webhooks can settle the
+  attempt by its id even when the worker died before it learned the PaymentIntent id; a claim
+  after the first looks for that PaymentIntent before it charges and settles by it if found
+  (the key alone does not protect a retry: Stripe forgets keys after 24 hours and refuses one
+  reused with other parameters), so a takeover or a retry never charges twice;
 - a worker writes an outcome only while it still owns its claim (status `processing` and
   the claim number it took), so a worker that lost its lease cannot overwrite a newer state;
 - success grants credits once per payment; a decline or a permanent refusal fails the
@@ -26,6 +28,7 @@ the webhook's unit of work locked.
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import logging
 import random
@@ -50,6 +53,10 @@ from models import (
 )
 
 log = logging.getLogger("billing.auto_recharge")
+
+# A retry looks for an earlier claim's PaymentIntent created since the attempt was, less this
+# (clocks of ours and Stripe's may differ).
+LOOKUP_MARGIN_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -221,13 +228,21 @@ def process_one(gateway: BillingGateway, settings: Settings) -> str | None:
             )
         return AttemptStatus.failed
     try:
-        outcome = gateway.charge_off_session(
-            org,
-            snapshot.stripe_customer_id,
-            _pinned_card(request, snapshot.stripe_payment_method_id),
-            request.amount,
-            request.id,
-        )
+        outcome = None
+        if request.attempts > 1:  # an earlier claim may have charged: look before charging
+            outcome = gateway.find_attempt_charge(
+                snapshot.stripe_customer_id,
+                request.id,
+                calendar.timegm(request.created_at.timetuple()) - LOOKUP_MARGIN_SECONDS,
+            )
+        if outcome is None:
+            outcome = gateway.charge_off_session(
+                org,
+                snapshot.stripe_customer_id,
+                _pinned_card(request, snapshot.stripe_payment_method_id),
+                request.amount,
+                request.id,
+            )
     except UpstreamUnavailable:
         return _retry_later(request, settings)
     with locked_account(org) as account:  # the outcome: one unit of work

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import time
 import uuid
@@ -97,6 +98,10 @@ class BillingGateway(Protocol):
         amount: int,
         attempt_id: str,
     ) -> ChargeOutcome: ...
+
+    def find_attempt_charge(
+        self, customer_id: str, attempt_id: str, since: int
+    ) -> ChargeOutcome | None: ...
 
     def verify_event(self, payload: bytes, signature: str) -> dict[str, Any]: ...
 
@@ -293,6 +298,32 @@ class StripeGateway:
             "failed", intent.id, None, f"payment intent {intent.status}", "declined"
         )
 
+    def find_attempt_charge(
+        self, customer_id: str, attempt_id: str, since: int
+    ) -> ChargeOutcome | None:
+        """What an earlier claim of this attempt came to at Stripe, if it created a
+        PaymentIntent (found by the attempt id in its metadata among the customer's
+        PaymentIntents created since `since`, a Unix time); None if it created none.
+
+        A retry looks before it charges again: an earlier claim's answer may have been lost
+        after Stripe charged, and its idempotency key protects only for 24 hours and only with
+        the same parameters. List endpoints are consistent (search is not)."""
+        params = {"customer": customer_id, "created": {"gte": since}, "limit": 100}
+        try:
+            with connection_released():
+                page = self._client.v1.payment_intents.list(params=params)  # type: ignore[arg-type]
+                found = next(
+                    (
+                        intent
+                        for intent in itertools.islice(page.auto_paging_iter(), MAX_LOOKUP)
+                        if _attempt_of(intent) == attempt_id
+                    ),
+                    None,
+                )
+        except stripe.StripeError as exc:
+            raise UpstreamUnavailable("the payment provider is unavailable") from exc
+        return None if found is None else _outcome_of(found)
+
     def verify_event(self, payload: bytes, signature: str) -> dict[str, Any]:
         if self._webhook_secret is None:
             raise InvalidRequest("no webhook signing secret is configured")
@@ -317,6 +348,35 @@ def _parse_event(payload: bytes) -> dict[str, Any]:
     if not isinstance(event, dict) or not isinstance(event.get("id"), str):
         raise InvalidRequest("the event has no id")
     return event
+
+
+# PaymentIntents a lookup reads at most (one organization's, over an attempt's life).
+MAX_LOOKUP = 1000
+
+
+def _attempt_of(intent: Any) -> str | None:
+    metadata = intent.metadata
+    return None if metadata is None else metadata.to_dict().get("attempt_id")
+
+
+def _outcome_of(intent: Any) -> ChargeOutcome:
+    """A PaymentIntent an off-session charge created, read as that charge's outcome."""
+    error = intent.last_payment_error
+    if intent.status == "succeeded":
+        return ChargeOutcome("succeeded", intent.id)
+    if intent.status == "requires_action" or (
+        intent.status == "requires_payment_method"
+        and error is not None
+        and error.code == "authentication_required"
+    ):
+        return ChargeOutcome("requires_action", intent.id, intent.client_secret)
+    if intent.status in ("requires_payment_method", "canceled"):
+        reason = (error.code if error else None) or intent.status
+        return ChargeOutcome(
+            "failed", intent.id, None, f"the card was declined: {reason}"[:500], "declined"
+        )
+    # processing, requires_confirmation, requires_capture: not settled yet; look again later
+    raise UpstreamUnavailable(f"payment intent {intent.id} is still {intent.status}")
 
 
 class LocalGateway:
@@ -352,6 +412,11 @@ class LocalGateway:
         attempt_id: str,
     ) -> ChargeOutcome:
         return ChargeOutcome("succeeded", f"pi_local_{attempt_id.replace('-', '')}")
+
+    def find_attempt_charge(
+        self, customer_id: str, attempt_id: str, since: int
+    ) -> ChargeOutcome | None:
+        return None  # local charges answer at once: nothing is ever lost
 
     def verify_event(self, payload: bytes, signature: str) -> dict[str, Any]:
         raise InvalidRequest("webhooks are not accepted in local billing mode")

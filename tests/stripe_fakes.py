@@ -169,6 +169,8 @@ class FixtureFront:
                     return self._respond(200, json.dumps(front.checkout(params)).encode())
                 if self.command == "POST" and path == "/v1/billing_portal/sessions":
                     return self._respond(200, json.dumps(front.portal(params)).encode())
+                if self.command == "GET" and path == "/v1/payment_intents":
+                    return self._respond(200, json.dumps(front.intents(self.path)).encode())
                 key = self.headers.get("Idempotency-Key")
                 request = (self.command, path, json.dumps(params, sort_keys=True))
                 if key is not None and key in front._answered:
@@ -238,6 +240,29 @@ class FixtureFront:
             }
         }
 
+    def remember(self, key: str, method: str, path: str, params: dict[str, Any]) -> None:
+        """Stripe holds an answer for `key`, given to a request with these parameters."""
+        error = {"error": {"type": "api_error", "message": "stored"}}
+        request = (method, path, json.dumps(params, sort_keys=True))
+        self._answered[key] = (request, 500, json.dumps(error).encode())
+
+    def intents(self, request_path: str) -> dict[str, Any]:
+        """`GET /v1/payment_intents` with Stripe's `customer` and `created[gte]` filters
+        (localstripe refuses both): localstripe's whole list, filtered here, newest first."""
+        query = dict(parse_qsl(request_path.partition("?")[2]))
+        listed = httpx.get(
+            f"{self.backend}/v1/payment_intents", params={"limit": 100}, auth=(API_KEY, "")
+        ).json()["data"]
+        since = int(query.get("created[gte]", 0))
+        kept = [
+            intent
+            for intent in listed
+            if intent.get("customer") == query.get("customer", intent.get("customer"))
+            and intent.get("created", 0) >= since
+        ]
+        kept.sort(key=lambda intent: intent.get("created", 0), reverse=True)
+        return {"object": "list", "url": "/v1/payment_intents", "has_more": False, "data": kept}
+
     def portal(self, params: dict[str, Any]) -> dict[str, Any]:
         session = copy.deepcopy(self._fixtures["billing_portal.session"])
         session_id = f"bps_{uuid.uuid4().hex[:24]}"
@@ -304,3 +329,9 @@ class ScriptedGateway:
         if isinstance(result, Exception):
             raise result
         return result
+
+    def find_attempt_charge(
+        self, customer_id: str, attempt_id: str, since: int
+    ) -> ChargeOutcome | None:
+        """A scripted charge leaves nothing at Stripe to find: every retry charges again."""
+        return None

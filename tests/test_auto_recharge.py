@@ -215,12 +215,12 @@ def _new_card(backend: str, customer_id: str) -> str:
     return str(method.id)
 
 
-def test_a_card_saved_during_the_backoff_does_not_change_the_retried_charge(org, conn_stripe):
+def test_a_retry_settles_by_the_charge_whose_answer_was_lost(org, conn_stripe):
     """The first charge reached Stripe and went through, but its answer was lost; while the
-    attempt waits out its backoff, the organization saves another card. The retry repeats the
-    first request (same key, same card) and gets the first answer: one charge, granted once.
-    With the newly saved card it was a different request under the same key, which Stripe
-    refuses (idempotency_error), retried until the attempts ran out."""
+    attempt waits out its backoff, the organization saves another card. The retry finds the
+    first PaymentIntent (by the attempt id in its metadata) and settles by it: one charge,
+    granted once, nothing sent again. Sent again with the newly saved card, it was a different
+    request under the same key, which Stripe refuses (idempotency_error)."""
     customer_id, first_card = saved_card(conn_stripe.backend, org.id, "ok")
     arm(org.id)
     conn_stripe.lose_next_answer = True
@@ -237,25 +237,46 @@ def test_a_card_saved_during_the_backoff_does_not_change_the_retried_charge(org,
     attempt = AutoRechargeRequest.get()
     assert attempt.status == "succeeded", attempt.failure_reason
     charges = conn_stripe.sent("POST", "/v1/payment_intents")
-    assert [c["payment_method"] for c in charges] == [first_card, first_card]
-    assert len(set(conn_stripe.idempotency_keys[-2:])) == 1
+    assert [c["payment_method"] for c in charges] == [first_card]
+    assert attempt.stripe_payment_intent_id is not None
     assert BillingAccount.get_by_id(org.id).credits_balance == 24 * DOLLAR
     assert CreditEntry.select().where(CreditEntry.entry_type == "recharge").count() == 1
     assert_ledger_invariants(org.id)
+
+
+def test_a_retry_that_finds_no_charge_sends_the_first_request_again(org, conn_stripe):
+    """An outage kept the first request from Stripe, then another card was saved: the retry
+    finds no PaymentIntent of the attempt and repeats the first request, same key, same card."""
+    customer_id, first_card = saved_card(conn_stripe.backend, org.id, "ok")
+    arm(org.id)
+    conn_stripe.fail_with = 503
+    assert drain(get_gateway(), get_settings(), limit=1) == 1
+    conn_stripe.fail_with = None
+    BillingAccount.update(
+        stripe_payment_method_id=_new_card(conn_stripe.backend, customer_id)
+    ).where(BillingAccount.organization == org.id).execute()
+    AutoRechargeRequest.update(next_attempt_at=AutoRechargeRequest.created_at).execute()
+    drain(get_gateway(), get_settings())
+    assert AutoRechargeRequest.get().status == "succeeded"
+    charges = conn_stripe.sent("POST", "/v1/payment_intents")
+    assert [c["payment_method"] for c in charges] == [first_card, first_card]
+    assert len(set(conn_stripe.idempotency_keys[-3:]) - {None}) == 1
+    assert BillingAccount.get_by_id(org.id).credits_balance == 24 * DOLLAR
 
 
 def test_a_charge_stripe_refuses_to_repeat_fails_the_attempt_at_once(org, conn_stripe):
     """Should a retry ever differ from its first request, Stripe's idempotency_error is the
     same on every retry: the attempt fails at once (uncounted: not the customer's doing) and
     frees the organization's slot, instead of backing off until its attempts are spent."""
-    customer_id, _ = saved_card(conn_stripe.backend, org.id, "ok")
+    saved_card(conn_stripe.backend, org.id, "ok")
     arm(org.id)
-    conn_stripe.lose_next_answer = True
+    conn_stripe.fail_with = 503
     drain(get_gateway(), get_settings(), limit=1)
-    AutoRechargeRequest.update(
-        stripe_payment_method_id=_new_card(conn_stripe.backend, customer_id),
-        next_attempt_at=AutoRechargeRequest.created_at,
-    ).execute()
+    conn_stripe.fail_with = None
+    attempt = AutoRechargeRequest.get()
+    AutoRechargeRequest.update(next_attempt_at=AutoRechargeRequest.created_at).execute()
+    # Stripe holds a result for the attempt's key, for other parameters, and no PaymentIntent.
+    conn_stripe.remember(f"auto-recharge:{attempt.id}", "POST", "/v1/payment_intents", {})
     assert drain(get_gateway(), get_settings()) == 1
     attempt = AutoRechargeRequest.get()
     assert (attempt.status, attempt.failure_kind) == ("failed", "transient")
