@@ -659,6 +659,33 @@ def test_a_new_challenge_supersedes_the_older_one_not_itself(org, clock):
     )
 
 
+def test_a_challenge_reported_while_the_worker_charges_is_not_retired_by_that_worker(org, clock):
+    """Stripe may deliver `payment_intent.requires_action` before its answer to the charge
+    reaches the worker: the attempt is already a challenge when the worker retires the
+    organization's open challenges, and it must keep its own (the one the customer has to
+    answer). Its own outcome then changes nothing: the webhook's report stands."""
+    with_card(org.id)
+    request = attempt(org.id)
+
+    def answer(attempt_id: str) -> ChargeOutcome:
+        _result, outcome = report(
+            org.id,
+            "payment_intent.requires_action",
+            "pi_3ds_early",
+            attempt_id,
+            status="requires_action",
+            client_secret="pi_3ds_early_secret",
+        )
+        assert outcome == "auto-recharge requires action"
+        return ChargeOutcome("requires_action", "pi_3ds_early", client_secret="pi_3ds_early_secret")
+
+    assert auto_recharge.process_one(ScriptedGateway(answer), get_settings()) == "requires_action"
+    assert fresh(request).status == "requires_action"
+    assert auto_recharge.pending_action(org.id) == auto_recharge.RequiresAction(
+        request.id, AMOUNT, "pi_3ds_early", "pi_3ds_early_secret"
+    )
+
+
 # --- the worker loop ------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -169,6 +170,50 @@ def test_reserve_finalize_and_release_are_one_unit_each(org, counted):
         ledger.release_reservation(org.id, other.reservation.id)
     for counts in (reserving, finalizing, releasing):
         _assert_one_unit(counts)
+
+
+@contextmanager
+def _statements_sent() -> Iterator[list[str]]:
+    """The SQL texts Peewee sends inside the block (a PostgreSQL transaction's first statement
+    without the BEGIN it carries)."""
+    texts: list[str] = []
+
+    class Recording(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if isinstance(record.msg, tuple):
+                texts.append(record.msg[0].removeprefix("BEGIN;"))
+
+    handler = Recording(logging.DEBUG)
+    logger = logging.getLogger("peewee")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield texts
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_several_accounts_are_locked_in_one_statement_ordered_by_organization_id(org):
+    """Concurrent batches over overlapping organizations cannot deadlock because each locks
+    its accounts in the same order: the lock statement sorts by organization id, and
+    PostgreSQL's FOR UPDATE locks the rows in the order the sort returns them. No run can show
+    a deadlock here (PostgreSQL happens to return an IN-list's rows in id order, and SQLite
+    has one writer lock), so the statement itself is checked: without its ORDER BY the rows
+    would be locked in whatever order the plan returns them."""
+    ids = {org.id, *(create_organization(f"lock-order-{i}").id for i in range(3))}
+    with _statements_sent() as texts, accounts.locked_accounts(ids) as locked:
+        order = list(locked)
+    table = f'"{BillingAccount._meta.table_name}"'
+    locks = [t for t in texts if table in t and " IN (" in t]
+    assert len(locks) == 1, texts
+    ordering = re.search(r"\bORDER BY (.*?)(?: FOR UPDATE)?$", locks[0])
+    assert ordering is not None, locks[0]
+    organization_id = BillingAccount.organization.column_name
+    assert re.fullmatch(rf'"t\d+"\."{organization_id}"(?: ASC)?', ordering[1]), ordering[1]
+    assert locks[0].endswith(" FOR UPDATE") == is_postgres()
+    assert order == sorted(ids)
 
 
 # --- operators and settings -----------------------------------------------------------------
