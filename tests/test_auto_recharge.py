@@ -215,6 +215,16 @@ def _new_card(backend: str, customer_id: str) -> str:
     return str(method.id)
 
 
+def card_saved_during_the_backoff(backend: str, customer_id: str, org_id: str) -> str:
+    """The organization saves another card while its attempt waits; the attempt is due now."""
+    card = _new_card(backend, customer_id)
+    BillingAccount.update(stripe_payment_method_id=card).where(
+        BillingAccount.organization == org_id
+    ).execute()
+    AutoRechargeRequest.update(next_attempt_at=AutoRechargeRequest.created_at).execute()
+    return card
+
+
 def test_a_retry_settles_by_the_charge_whose_answer_was_lost(org, conn_stripe):
     """The first charge reached Stripe and went through, but its answer was lost; while the
     attempt waits out its backoff, the organization saves another card. The retry finds the
@@ -228,11 +238,7 @@ def test_a_retry_settles_by_the_charge_whose_answer_was_lost(org, conn_stripe):
     attempt = AutoRechargeRequest.get()
     assert attempt.status == "pending"  # a broken connection reads as an outage
     assert attempt.stripe_payment_method_id == first_card
-    second_card = _new_card(conn_stripe.backend, customer_id)
-    BillingAccount.update(stripe_payment_method_id=second_card).where(
-        BillingAccount.organization == org.id
-    ).execute()
-    AutoRechargeRequest.update(next_attempt_at=AutoRechargeRequest.created_at).execute()
+    card_saved_during_the_backoff(conn_stripe.backend, customer_id, org.id)
     drain(get_gateway(), get_settings())
     attempt = AutoRechargeRequest.get()
     assert attempt.status == "succeeded", attempt.failure_reason

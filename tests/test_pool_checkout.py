@@ -62,14 +62,7 @@ def test_a_connection_the_server_ended_is_replaced_not_handed_out(observer):
     with connection():
         ended = database.connection()
         pid = _backend_pid()
-    with observer.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
-            if cursor.fetchone() == (0,):
-                break
-            time.sleep(0.02)
+    _end_backend(observer, pid)
     with connection():
         assert database.execute_sql("SELECT 41 + 1").fetchone() == (42,)
         assert _backend_pid() != pid

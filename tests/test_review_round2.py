@@ -19,7 +19,7 @@ from billing.stripe_gateway import get_gateway
 from billing.units import DOLLAR
 from models import AutoRechargeRequest, BillingAccount, database
 from tests.stripe_fakes import API_KEY
-from tests.test_auto_recharge import _new_card, arm, saved_card
+from tests.test_auto_recharge import arm, card_saved_during_the_backoff, saved_card
 
 
 @pytest.fixture
@@ -52,11 +52,7 @@ def test_an_attempt_in_flight_across_migration_0008_is_charged_twice_after_a_car
     assert drain(get_gateway(), get_settings(), limit=1) == 1
     # The first claim ran before 0008: the column the migration added is NULL for this attempt.
     AutoRechargeRequest.update(stripe_payment_method_id=None).execute()
-    second_card = _new_card(conn_stripe.backend, customer_id)
-    BillingAccount.update(stripe_payment_method_id=second_card).where(
-        BillingAccount.organization == org.id
-    ).execute()
-    AutoRechargeRequest.update(next_attempt_at=AutoRechargeRequest.created_at).execute()
+    card_saved_during_the_backoff(conn_stripe.backend, customer_id, org.id)
     drain(get_gateway(), get_settings())
     attempt = AutoRechargeRequest.get()
     # The cooldown passes; the next debit finds the balance below the threshold still.

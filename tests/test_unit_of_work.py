@@ -99,16 +99,10 @@ def counted(monkeypatch) -> Callable[[], Any]:
                 yield
 
         monkeypatch.setattr(models_db, "_atomic", counting_atomic)
-        handler = _Statements(counts)
-        logger = logging.getLogger("peewee")
-        level = logger.level
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
         try:
-            yield counts
+            with _peewee_log(_Statements(counts)):
+                yield counts
         finally:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
             monkeypatch.setattr(models_db, "_atomic", real_atomic)
 
     return measure
@@ -183,13 +177,19 @@ def _statements_sent() -> Iterator[list[str]]:
             if isinstance(record.msg, tuple):
                 texts.append(record.msg[0].removeprefix("BEGIN;"))
 
-    handler = Recording(logging.DEBUG)
+    with _peewee_log(Recording(logging.DEBUG)):
+        yield texts
+
+
+@contextmanager
+def _peewee_log(handler: logging.Handler) -> Iterator[None]:
+    """`handler` receives Peewee's query log (every statement it sends) inside the block."""
     logger = logging.getLogger("peewee")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     try:
-        yield texts
+        yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
