@@ -250,9 +250,16 @@ class FixtureFront:
         """`GET /v1/payment_intents` with Stripe's `customer` and `created[gte]` filters
         (localstripe refuses both): localstripe's whole list, filtered here, newest first."""
         query = dict(parse_qsl(request_path.partition("?")[2]))
-        listed = httpx.get(
-            f"{self.backend}/v1/payment_intents", params={"limit": 100}, auth=(API_KEY, "")
-        ).json()["data"]
+        listed: list[dict[str, Any]] = []
+        page: dict[str, Any] = {"has_more": True, "data": []}
+        while page["has_more"]:  # localstripe pages oldest first, 100 at a time
+            params: dict[str, Any] = {"limit": 100}
+            if page["data"]:
+                params["starting_after"] = page["data"][-1]["id"]
+            page = httpx.get(
+                f"{self.backend}/v1/payment_intents", params=params, auth=(API_KEY, "")
+            ).json()
+            listed += page["data"]
         since = int(query.get("created[gte]", 0))
         kept = [
             intent

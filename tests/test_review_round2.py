@@ -33,7 +33,11 @@ def _succeeded_charges(backend: str, customer_id: str) -> list[str]:
     """The PaymentIntents Stripe itself holds as succeeded for this customer."""
     client = stripe.StripeClient(API_KEY, base_addresses={"api": backend})
     intents = client.v1.payment_intents.list(params={"limit": 100})
-    return [i.id for i in intents.data if i.status == "succeeded" and i.customer == customer_id]
+    return [
+        i.id
+        for i in intents.auto_paging_iter()  # a shared localstripe holds other tests' too
+        if i.status == "succeeded" and i.customer == customer_id
+    ]
 
 
 def test_an_attempt_in_flight_across_migration_0008_is_charged_twice_after_a_card_change(
