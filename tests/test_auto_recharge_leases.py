@@ -367,8 +367,10 @@ def test_transient_errors_back_off_and_stop_at_the_cap(slow_stripe, monkeypatch,
         drain(get_gateway(), get_settings())
     request = AutoRechargeRequest.get(AutoRechargeRequest.organization == flaky)
     assert request.status == "failed" and request.failure_kind == "transient"
-    # three claims: the first charged; the later two met the outage at their look for it
+    # three claims, each reaching Stripe: the first charged; the later two met the outage
+    # when they looked for that charge
     assert request.attempts == 3 and _payment_intent_calls(front, request.id) == 1
+    assert len(stripe_mode.sent("GET", "/v1/payment_intents")) == 2
     account = BillingAccount.get_by_id(flaky)
     assert account.auto_recharge_enabled and account.auto_recharge_failure_count == 0
     assert account.auto_recharge_in_flight_id is None
