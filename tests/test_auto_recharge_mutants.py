@@ -23,6 +23,7 @@ from billing.organizations import create_organization
 from billing.stripe_gateway import ChargeOutcome
 from billing.units import DOLLAR
 from models import AutoRechargeRequest, BillingAccount, CreditEntry, WebhookEvent, utcnow
+from tests.ledger_checks import auto_recharge_on
 from tests.stripe_events import deliver, signed, top_up_intent
 from tests.stripe_fakes import ScriptedGateway, stripe_object
 
@@ -43,14 +44,13 @@ def outage(_attempt_id: str) -> Exception:
 
 
 def with_card(org_id: str, *, method: str | None = "pm_saved", failures: int = 0) -> None:
-    BillingAccount.update(
+    auto_recharge_on(
+        org_id,
+        card=method,
+        amount=AMOUNT,
         stripe_customer_id=f"cus_{org_id[:8]}",
-        stripe_payment_method_id=method,
-        auto_recharge_enabled=True,
-        auto_recharge_threshold=5 * DOLLAR,
-        auto_recharge_amount=AMOUNT,
         auto_recharge_failure_count=failures,
-    ).where(BillingAccount.organization == org_id).execute()
+    )
 
 
 def attempt(org_id: str, *, status: str = "pending", attempts: int = 0, **fields: Any):

@@ -45,7 +45,7 @@ from models import (
     is_postgres,
 )
 from tests import stripe_events as ev
-from tests.ledger_checks import assert_ledger_invariants
+from tests.ledger_checks import assert_ledger_invariants, auto_recharge_on
 
 ROUNDS = int(os.environ.get("RACE_ROUNDS", "15"))
 
@@ -112,12 +112,7 @@ def _failed_rounds(round_fn: Callable[[], bool]) -> int:
 
 def _auto_recharge_without_card(org_id: str) -> None:
     """Auto-recharge configured (threshold $5, amount $20) before any card is on file."""
-    BillingAccount.update(
-        auto_recharge_enabled=True,
-        auto_recharge_threshold=5 * DOLLAR,
-        auto_recharge_amount=20 * DOLLAR,
-        stripe_payment_method_id=None,
-    ).where(BillingAccount.organization == org_id).execute()
+    auto_recharge_on(org_id, card=None)
 
 
 @pytest.mark.usefixtures("conn")
@@ -154,13 +149,7 @@ def test_a_recharge_paid_with_a_new_card_asks_for_no_second_recharge():
     the recharge; the re-evaluation must see the granted credit, or it writes a second
     request that charges the card again."""
     org_id = _new_org(credit=0)
-    BillingAccount.update(
-        auto_recharge_enabled=True,
-        auto_recharge_threshold=5 * DOLLAR,
-        auto_recharge_amount=20 * DOLLAR,
-        stripe_payment_method_id="pm_declining",
-        auto_recharge_failure_count=1,
-    ).where(BillingAccount.organization == org_id).execute()
+    auto_recharge_on(org_id, card="pm_declining", auto_recharge_failure_count=1)
     with accounts.locked_account(org_id) as account:
         attempt_id = recharge_policy.request_if_due(account)  # available $0 < $5
     assert attempt_id is not None
@@ -293,12 +282,7 @@ def _intent_of(attempt_id: str) -> str:
 def _recharge_pending(org_id: str) -> str:
     """A pending auto-recharge request of $20 (threshold $5, a card on file)."""
     with database.connection_context():
-        BillingAccount.update(
-            auto_recharge_enabled=True,
-            auto_recharge_threshold=5 * DOLLAR,
-            auto_recharge_amount=20 * DOLLAR,
-            stripe_payment_method_id="pm_review",
-        ).where(BillingAccount.organization == org_id).execute()
+        auto_recharge_on(org_id, card="pm_review")
         with accounts.locked_account(org_id) as account:
             attempt_id = recharge_policy.request_if_due(account, refused=True)
     assert attempt_id is not None

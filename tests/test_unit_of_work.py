@@ -45,7 +45,7 @@ from models import (
 )
 from models import db as models_db
 from tests import stripe_events as ev
-from tests.ledger_checks import assert_ledger_invariants
+from tests.ledger_checks import assert_ledger_invariants, auto_recharge_on
 
 pytestmark = pytest.mark.usefixtures("conn")
 
@@ -297,13 +297,7 @@ class _SucceedingGateway:
 
 
 def _recharge_due(org_id: str) -> None:
-    BillingAccount.update(
-        auto_recharge_enabled=True,
-        auto_recharge_threshold=5 * DOLLAR,
-        auto_recharge_amount=20 * DOLLAR,
-        stripe_customer_id="cus_uow",
-        stripe_payment_method_id="pm_uow",
-    ).where(BillingAccount.organization == org_id).execute()
+    auto_recharge_on(org_id, card="pm_uow", stripe_customer_id="cus_uow")
     with accounts.locked_account(org_id) as account:
         ledger.debit(account, DOLLAR)  # below the threshold: a request is written
     assert AutoRechargeRequest.select().count() == 1

@@ -34,6 +34,7 @@ from models import (
 from models import (
     CheckoutSession as StoredSession,
 )
+from tests.ledger_checks import auto_recharge_on
 from tests.stripe_events import (
     charge,
     customer_of,
@@ -387,12 +388,7 @@ def recharge_due(org_id: str, *, card: str | None) -> None:
     """Auto-recharge on, nothing in flight, the balance below its threshold; `card` on file."""
     link_customer(org_id)
     with database.connection_context():
-        BillingAccount.update(
-            auto_recharge_enabled=True,
-            auto_recharge_threshold=5 * DOLLAR,
-            auto_recharge_amount=20 * DOLLAR,
-            stripe_payment_method_id=card,
-        ).where(BillingAccount.organization == org_id).execute()
+        auto_recharge_on(org_id, card=card)
 
 
 def recharge_requests(org_id: str) -> int:
