@@ -114,10 +114,15 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
             return
         self._state.begin_pending = self._state.conn
 
-    def _take_pending_begin(self) -> bool:
+    def _begin_is_pending(self) -> bool:
+        """This thread's open transaction has not sent its BEGIN yet (on this connection)."""
         pending = getattr(self._state, "begin_pending", None)
-        self._state.begin_pending = None
         return pending is not None and pending is self._state.conn
+
+    def _take_pending_begin(self) -> bool:
+        pending = self._begin_is_pending()
+        self._state.begin_pending = None
+        return pending
 
     def cursor(self, named_cursor: Any = None) -> Any:
         if self.is_closed():  # Peewee connects (or refuses); nothing can be pending yet
@@ -163,7 +168,7 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
         self._close_raw(conn)  # the pool only drops it; close the socket too
         return True
 
-    def _execute_cursor(self, sql: str, params: Any, **cursor_options: Any) -> Any:
+    def _execute_cursor(self, sql: Any, params: Any, **cursor_options: Any) -> Any:
         """Run a statement; if the connection turns out dead (the server ended it while it sat
         in the pool) and repeating cannot apply anything twice, repeat it on a fresh one.
 
@@ -171,18 +176,15 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
         of the transaction can have been committed) and a SELECT outside a transaction. Any
         other statement on a dead connection fails as it did.
         """
-        opens_transaction = self._state.conn is not None and (
-            getattr(self._state, "begin_pending", None) is self._state.conn
-        )
+        opens_transaction = self._begin_is_pending()
+        repeatable = opens_transaction or (not self.in_transaction() and _is_select(sql))
         for attempt in range(_DEAD_CONNECTION_RETRIES + 1):
             try:
                 return super()._execute_cursor(sql, params, **cursor_options)
             except (peewee.OperationalError, peewee.InterfaceError):
                 dead = self._state.conn
-                repeatable = opens_transaction or (not self.in_transaction() and _is_select(sql))
-                if attempt == _DEAD_CONNECTION_RETRIES or dead is None or not dead.closed:
-                    raise
-                if not repeatable:
+                retry = repeatable and attempt < _DEAD_CONNECTION_RETRIES
+                if not retry or dead is None or not dead.closed:
                     raise
                 self._replace_dead_connection(dead, begin=opens_transaction)
         raise AssertionError("unreachable")
@@ -204,8 +206,9 @@ class _PostgresqlDatabase(PooledPostgresqlDatabase):
 _DEAD_CONNECTION_RETRIES = 3
 
 
-def _is_select(sql: str) -> bool:
-    return sql.lstrip()[:6].upper() == "SELECT"
+def _is_select(sql: Any) -> bool:
+    """A plain SELECT (a psycopg2 Composable or bytes is not read, so not repeated)."""
+    return isinstance(sql, str) and sql.lstrip()[:6].upper() == "SELECT"
 
 
 def make_database(url: str, pool_size: int = 10) -> peewee.Database:
