@@ -51,6 +51,8 @@ class OrgModel:
     disputes: dict[str, str] = field(default_factory=dict)  # dispute -> open / closed
     subscriptions: dict[str, tuple[tuple[int, int, str], str]] = field(default_factory=dict)
     invoices: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> status, amount
+    # Stripe pays an invoice once, for one amount: every event about it carries that amount.
+    invoice_cents: dict[str, int] = field(default_factory=dict)
 
     def sub_id(self, index: int) -> str:
         return f"sub_{index}_{self.id[:8]}"
@@ -133,6 +135,7 @@ class WebhookMachine(RuleBasedStateMachine):
         org = self.orgs[o]
         sub = org.sub_id(s)
         inv = org.invoice_id(sub, i)
+        cents = org.invoice_cents.setdefault(inv, cents)
         obj = ev.invoice(
             org.id,
             inv=inv,
