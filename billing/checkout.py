@@ -93,7 +93,7 @@ def start_subscription_checkout(
         cancel_url,
         f"checkout:{organization_id}:{idempotency_key or uuid.uuid4()}",
     )
-    return _record(
+    _record(
         session,
         organization_id,
         CheckoutKind.subscription,
@@ -101,6 +101,72 @@ def start_subscription_checkout(
         success_url=success_url,
         cancel_url=cancel_url,
     )
+    _keep_one_payable_subscription_checkout(organization_id, session.id, gateway)
+    return session
+
+
+# Stripe keeps a Checkout Session payable for 24 hours unless told otherwise; an older row of
+# ours is not payable, whatever its status says (no Stripe call is made for it).
+SESSION_LIFETIME = dt.timedelta(hours=25)
+
+
+def _keep_one_payable_subscription_checkout(
+    organization_id: str, session_id: str, gateway: BillingGateway
+) -> None:
+    """At most one subscription checkout of an organization can be paid: two paid ones would
+    be two subscriptions, each billing every month. The newest stands and the older open ones
+    are expired at Stripe; if an older one was paid first (its webhook not yet here), the
+    subscription is on its way and the new session is expired instead (409).
+
+    Requests racing each other agree, since each reads the others' recorded sessions: the
+    newest's request expires the older ones, an older one's request finds a newer one and
+    expires only its own. No lock is held around Stripe.
+    """
+    payable = list(
+        CheckoutSession.select()
+        .where(
+            (CheckoutSession.organization == organization_id)
+            & (CheckoutSession.kind == CheckoutKind.subscription)
+            & (CheckoutSession.status == CheckoutStatus.open)
+            & (CheckoutSession.created_at >= utcnow() - SESSION_LIFETIME)
+        )
+        .order_by(CheckoutSession.created_at.desc(), CheckoutSession.id.desc())
+    )
+    if not payable or payable[0].id != session_id:
+        _expire(session_id, gateway)
+        raise Conflict("a newer subscription checkout was opened at the same time; use that one")
+    for older in payable[1:]:
+        if not _expire(older.id, gateway):
+            _expire(session_id, gateway)
+            raise Conflict("a subscription checkout was just paid; the subscription is on its way")
+
+
+def _expire(session_id: str, gateway: BillingGateway) -> bool:
+    """Make a session unpayable; False when it was paid first (at Stripe, or on the local
+    page, which completes a session only while our row is open)."""
+    if gateway.expire_checkout_session(session_id) == "complete":
+        return False
+    with database.atomic():
+        expired = (
+            CheckoutSession.update(status=CheckoutStatus.expired)
+            .where(
+                (CheckoutSession.id == session_id)
+                & (CheckoutSession.status == CheckoutStatus.open)
+            )
+            .execute()
+        )
+        if expired:
+            return True
+        row = CheckoutSession.get_or_none(CheckoutSession.id == session_id)
+        return row is None or row.status != CheckoutStatus.completed
+
+
+def record_completed(session_id: str) -> None:
+    """Stripe reports a session of ours completed: it no longer counts as payable (a later
+    subscription checkout, after this subscription ended, expires nothing at Stripe for it)."""
+    CheckoutSession.update(status=CheckoutStatus.completed, completed_at=utcnow()).where(
+        (CheckoutSession.id == session_id) & (CheckoutSession.status != CheckoutStatus.completed)
+    ).execute()
 
 
 def start_top_up(

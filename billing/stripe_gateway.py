@@ -90,6 +90,11 @@ class BillingGateway(Protocol):
 
     def create_portal_session(self, customer_id: str, return_url: str) -> SessionInfo: ...
 
+    def expire_checkout_session(self, session_id: str) -> str:
+        """Make an open Checkout Session unpayable. Answers the session's status afterwards:
+        "expired", or "complete" when the customer paid it first."""
+        ...
+
     def charge_off_session(
         self,
         organization_id: str,
@@ -140,6 +145,31 @@ class StripeGateway:
             raise InvalidRequest(
                 f"the payment provider refused the request: {exc.user_message or exc.code}"
             ) from None
+        except stripe.StripeError as exc:
+            raise UpstreamUnavailable(
+                "the payment provider is unavailable; nothing was changed, retry later"
+            ) from exc
+
+    def expire_checkout_session(self, session_id: str) -> str:
+        sessions = self._client.v1.checkout.sessions
+        try:
+            return str(self._send(sessions.expire, session_id).status)
+        except stripe.InvalidRequestError:
+            pass  # Stripe expires only open sessions: this one was paid, or expired already
+        status = str(self._send(sessions.retrieve, session_id).status)
+        if status == "open":  # refused for another reason: it is still payable
+            raise UpstreamUnavailable("the payment provider did not expire a checkout; retry later")
+        return status
+
+    @staticmethod
+    def _send(fn: Any, *args: Any) -> Any:
+        """`fn(*args)` with the database connection given back meanwhile; Stripe's refusal
+        (InvalidRequestError) is the caller's to read, any other failure is an outage."""
+        try:
+            with connection_released():
+                return fn(*args)
+        except stripe.InvalidRequestError:
+            raise
         except stripe.StripeError as exc:
             raise UpstreamUnavailable(
                 "the payment provider is unavailable; nothing was changed, retry later"
@@ -402,6 +432,11 @@ class LocalGateway:
 
     def create_portal_session(self, customer_id: str, return_url: str) -> SessionInfo:
         return SessionInfo(f"bps_local_{uuid.uuid4().hex}", f"{self._base}/local/portal")
+
+    def expire_checkout_session(self, session_id: str) -> str:
+        # A local session exists only as our row: the service's conditional update of it decides
+        # whether it expired or the local page completed it first.
+        return "expired"
 
     def charge_off_session(
         self,

@@ -31,7 +31,7 @@ from typing import Any
 
 from peewee import IntegrityError
 
-from billing import auto_recharge, disputes, ledger, recharge_policy
+from billing import auto_recharge, checkout, disputes, ledger, recharge_policy
 from billing.accounts import lock_account
 from billing.config import get_settings
 from billing.errors import Conflict, InvalidRequest
@@ -310,6 +310,7 @@ def _credit_top_up(
 
 
 def _checkout_completed(event: Event, session: CheckoutSession, account: BillingAccount) -> str:
+    checkout.record_completed(session.id)
     if session.payment_status != "paid":
         return f"checkout not paid ({session.payment_status}): no credit"
     if session.mode != "payment":

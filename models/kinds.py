@@ -50,7 +50,8 @@ class CheckoutKind(StrEnum):
 class CheckoutStatus(StrEnum):
     open = "open"
     completed = "completed"
-    canceled = "canceled"
+    canceled = "canceled"  # the customer left a local session
+    expired = "expired"  # no longer payable: a newer subscription checkout replaced it
 
 
 class PaymentKind(StrEnum):

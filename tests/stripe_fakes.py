@@ -114,6 +114,10 @@ IDEMPOTENCY_ERROR = {
 }
 
 
+def _invalid_request(message: str) -> dict[str, Any]:
+    return {"error": {"type": "invalid_request_error", "message": message}}
+
+
 class FixtureFront:
     def __init__(self, backend: str) -> None:
         self.backend = backend
@@ -132,6 +136,9 @@ class FixtureFront:
         # the same parameters gets the same answer; with others, a 400 idempotency_error.
         self._answered: dict[str, tuple[tuple[str, str, str], int, bytes]] = {}
         self._fixtures = fixtures()
+        self.sessions: dict[str, dict[str, Any]] = {}  # Checkout Sessions made here, by id
+        self.fail_with_on_expire: int | None = None  # Stripe down for session expiry only
+        self._lock = threading.Lock()
         front = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -167,6 +174,9 @@ class FixtureFront:
                     return self._respond(402, json.dumps(body).encode())
                 if self.command == "POST" and path == "/v1/checkout/sessions":
                     return self._respond(200, json.dumps(front.checkout(params)).encode())
+                if path.startswith("/v1/checkout/sessions/"):
+                    status, body = front.session_call(self.command, path)
+                    return self._respond(status, json.dumps(body).encode())
                 if self.command == "POST" and path == "/v1/billing_portal/sessions":
                     return self._respond(200, json.dumps(front.portal(params)).encode())
                 if self.command == "GET" and path == "/v1/payment_intents":
@@ -211,7 +221,38 @@ class FixtureFront:
             status="open",
             payment_status="unpaid",
         )
+        with self._lock:
+            self.sessions[session_id] = session
         return session
+
+    def session_call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
+        """GET /v1/checkout/sessions/{id} and POST .../{id}/expire, as Stripe answers them:
+        only an open session can be expired."""
+        session_id, _, action = path.removeprefix("/v1/checkout/sessions/").partition("/")
+        if action == "expire" and self.fail_with_on_expire is not None:
+            return self.fail_with_on_expire, {"error": {"type": "api_error", "message": "down"}}
+        with self._lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return 404, _invalid_request(f"No such checkout.session: '{session_id}'")
+            if method == "POST" and action == "expire":
+                if session["status"] != "open":
+                    return 400, _invalid_request(
+                        "Only Checkout Sessions with a status in [open] can be expired."
+                    )
+                session["status"] = "expired"
+            return 200, copy.deepcopy(session)
+
+    def complete(self, session_id: str) -> None:
+        """The customer pays a session (as Stripe does, only an open one)."""
+        with self._lock:
+            session = self.sessions[session_id]
+            assert session["status"] == "open", session["status"]
+            session.update(status="complete", payment_status="paid")
+
+    def payable_sessions(self) -> list[str]:
+        with self._lock:
+            return [i for i, s in self.sessions.items() if s["status"] == "open"]
 
     def authentication_required(self, params: dict[str, Any]) -> dict[str, Any]:
         """Stripe's answer to an off-session charge that needs 3-D Secure: HTTP 402, a

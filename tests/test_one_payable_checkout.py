@@ -1,0 +1,189 @@
+"""At most one subscription checkout of an organization can be paid (billing.checkout).
+
+Two paid subscription checkouts are two subscriptions billing every month. Before this, a second
+checkout opened while the first was still open (another tab, a double click, two admins) left
+both payable at Stripe. The newest now stands; the older open ones are expired at Stripe (the
+fixture front keeps sessions' state as Stripe does: only an open session can be expired or
+paid); one already paid, whose webhook has not arrived, makes the new one a 409.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+from billing import checkout
+from billing.accounts import locked_account
+from billing.checkout import SESSION_LIFETIME
+from billing.config import get_settings
+from billing.stripe_gateway import get_gateway
+from models import CheckoutSession, connection, utcnow
+from tests import stripe_events as ev
+
+URLS = {"successUrl": "https://app.example.com/ok", "cancelUrl": "https://app.example.com/no"}
+
+
+def _checkout(client, org):
+    return client.post(
+        "/v1/billing/checkout",
+        json={"organizationId": org.id, "subscriptionPlan": "pro", **URLS},
+        headers=org.owner,
+    )
+
+
+def _status(session_id: str) -> str:
+    with connection():
+        return str(CheckoutSession.get_by_id(session_id).status)
+
+
+def test_a_second_checkout_expires_the_first(client, org, stripe_mode):
+    first = _checkout(client, org)
+    second = _checkout(client, org)
+    assert (first.status_code, second.status_code) == (200, 200), second.text
+    first_id, second_id = first.json()["id"], second.json()["id"]
+    assert stripe_mode.payable_sessions() == [second_id]
+    assert [path for _, path, _ in stripe_mode.requests if path.endswith("/expire")] == [
+        f"/v1/checkout/sessions/{first_id}/expire"
+    ]
+    assert (_status(first_id), _status(second_id)) == ("expired", "open")
+
+
+def test_a_first_checkout_paid_before_its_webhook_refuses_the_second(client, org, stripe_mode):
+    first = _checkout(client, org).json()["id"]
+    stripe_mode.complete(first)  # the customer paid; Stripe's webhooks are still on their way
+    second = _checkout(client, org)
+    assert second.status_code == 409, second.text
+    assert "just paid" in second.json()["detail"]
+    assert stripe_mode.payable_sessions() == []  # the new session was expired, not handed out
+    assert stripe_mode.sessions[first]["status"] == "complete"
+    assert _status(first) == "open"  # still counted: a retry is refused the same way
+    assert _checkout(client, org).status_code == 409
+
+
+def test_concurrent_checkouts_leave_exactly_one_payable(client, org, stripe_mode):
+    answers: list = []
+    barrier = threading.Barrier(4)
+
+    def open_one() -> None:
+        barrier.wait()
+        answers.append(_checkout(client, org))
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(a.status_code in (200, 409) for a in answers), [a.text for a in answers]
+    payable = stripe_mode.payable_sessions()
+    assert len(payable) == 1, payable
+    assert payable[0] in {a.json()["id"] for a in answers if a.status_code == 200}
+    with connection():
+        open_rows = [
+            s.id
+            for s in CheckoutSession.select().where(
+                (CheckoutSession.organization == org.id) & (CheckoutSession.status == "open")
+            )
+        ]
+    assert open_rows == payable
+
+
+def test_a_completed_checkout_expires_nothing_later(client, org, stripe_mode):
+    """Once Stripe reports the checkout completed, it is not payable any more: a checkout
+    after that subscription ended asks Stripe to expire nothing."""
+    first = _checkout(client, org).json()["id"]
+    stripe_mode.complete(first)
+    ev.post(
+        client,
+        "checkout.session.completed",
+        ev.subscription_session(org.id, sub="sub_done", session_id=first),
+    )
+    assert _status(first) == "completed"
+    again = _checkout(client, org)
+    assert again.status_code == 200, again.text
+    assert not [path for _, path, _ in stripe_mode.requests if path.endswith("/expire")]
+
+
+def test_sessions_older_than_stripe_keeps_them_are_not_sent(client, org, stripe_mode):
+    first = _checkout(client, org).json()["id"]
+    with connection():
+        CheckoutSession.update(created_at=utcnow() - SESSION_LIFETIME).where(
+            CheckoutSession.id == first
+        ).execute()
+    assert _checkout(client, org).status_code == 200
+    assert not [path for _, path, _ in stripe_mode.requests if path.endswith("/expire")]
+
+
+def test_an_outage_while_expiring_hands_out_no_second_session(client, org, stripe_mode):
+    first = _checkout(client, org).json()["id"]
+    stripe_mode.fail_with_on_expire = 503
+    second = _checkout(client, org)
+    assert second.status_code in (500, 503) and "unavailable" in second.json()["detail"]
+    stripe_mode.fail_with_on_expire = None
+    third = _checkout(client, org)
+    assert third.status_code == 200, third.text
+    assert stripe_mode.payable_sessions() == [third.json()["id"]]
+    assert _status(first) == "expired"
+
+
+def test_local_mode_keeps_one_open_session_too(client, org):
+    get_gateway.cache_clear()
+    assert get_settings().local_billing
+    first = _checkout(client, org).json()["id"]
+    second = _checkout(client, org).json()["id"]
+    assert (_status(first), _status(second)) == ("expired", "open")
+    done = client.post(f"/v1/billing/{org.id}/dev/complete-local", headers=org.owner)
+    assert done.status_code == 200, done.text
+    assert (_status(first), _status(second)) == ("expired", "completed")
+
+
+def test_a_request_whose_session_is_not_the_newest_expires_its_own(
+    client, org, stripe_mode, monkeypatch
+):
+    """Two requests at once: the other recorded a newer session after this one recorded its
+    own and before it looked. The newer stands; this one expires its own and answers 409."""
+    newer = stripe_mode.checkout({"mode": "subscription"})["id"]
+    record = checkout._record
+
+    def record_then_another_arrives(session, organization_id, kind, **details):
+        recorded = record(session, organization_id, kind, **details)
+        with connection():
+            CheckoutSession.insert(
+                id=newer,
+                organization=organization_id,
+                kind=kind,
+                url="https://checkout.stripe.com/c/pay/newer",
+                created_at=utcnow() + dt.timedelta(seconds=1),
+            ).execute()
+        return recorded
+
+    monkeypatch.setattr(checkout, "_record", record_then_another_arrives)
+    answer = _checkout(client, org)
+    assert answer.status_code == 409, answer.text
+    assert "newer subscription checkout" in answer.json()["detail"]
+    assert stripe_mode.payable_sessions() == [newer]
+
+
+def test_a_local_session_paid_while_a_second_opens_refuses_the_second(client, org, monkeypatch):
+    """Local mode: the page completes the older session between the second checkout's look
+    and its expiry of that session. The second is refused and left unpayable."""
+    get_gateway.cache_clear()
+    first = _checkout(client, org).json()["id"]
+    gateway = get_gateway()
+
+    def paid_on_the_page_first(session_id: str) -> str:
+        if session_id == first:
+            with connection(), locked_account(org.id) as account:
+                checkout.complete_local_session(account, CheckoutSession.get_by_id(first))
+        return "expired"
+
+    monkeypatch.setattr(gateway, "expire_checkout_session", paid_on_the_page_first)
+    second = _checkout(client, org)
+    assert second.status_code == 409, second.text
+    with connection():
+        others = [
+            s.status
+            for s in CheckoutSession.select().where(
+                (CheckoutSession.organization == org.id) & (CheckoutSession.id != first)
+            )
+        ]
+    assert (_status(first), others) == ("completed", ["expired"])
