@@ -150,8 +150,7 @@ def _expire(session_id: str, gateway: BillingGateway) -> bool:
         expired = (
             CheckoutSession.update(status=CheckoutStatus.expired)
             .where(
-                (CheckoutSession.id == session_id)
-                & (CheckoutSession.status == CheckoutStatus.open)
+                (CheckoutSession.id == session_id) & (CheckoutSession.status == CheckoutStatus.open)
             )
             .execute()
         )
