@@ -9,8 +9,11 @@ session row is stored only after Stripe answered.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
+
+from peewee import fn
 
 from billing import ledger, recharge_policy
 from billing.accounts import get_account, locked_account
@@ -26,6 +29,7 @@ from models import (
     CheckoutSession,
     CheckoutStatus,
     CreditEntryType,
+    StripeSubscription,
     SubscriptionStatus,
     database,
     locked,
@@ -79,10 +83,9 @@ def start_subscription_checkout(
 ) -> SessionInfo:
     if plan not in PLANS:
         raise InvalidRequest(f"subscriptionPlan must be one of {', '.join(PLANS)}")
-    if get_account(organization_id).subscription_status in LIVE_STATUSES:
-        # A second subscription would bill twice (an unpaid or paused one still bills, or
-        # resumes); a plan change goes through the portal.
-        raise Conflict("the organization already has a subscription; use the portal")
+    refusal = _subscription_refusal(organization_id)
+    if refusal is not None:
+        raise Conflict(refusal)
     customer = ensure_customer(organization_id, gateway)
     session = gateway.create_subscription_checkout(
         organization_id,
@@ -93,34 +96,69 @@ def start_subscription_checkout(
         cancel_url,
         f"checkout:{organization_id}:{idempotency_key or uuid.uuid4()}",
     )
-    _record(
-        session,
-        organization_id,
-        CheckoutKind.subscription,
-        plan=plan,
-        success_url=success_url,
-        cancel_url=cancel_url,
-    )
-    _keep_one_payable_subscription_checkout(organization_id, session.id, gateway)
+    try:
+        _record(
+            session,
+            organization_id,
+            CheckoutKind.subscription,
+            plan=plan,
+            success_url=success_url,
+            cancel_url=cancel_url,
+        )
+    except Exception:
+        # Unrecorded, nothing would ever expire it: try now (a process that dies here leaves
+        # it to the next checkout's look at Stripe, `_expire_unrecorded`).
+        with contextlib.suppress(Exception):
+            gateway.expire_checkout_session(session.id)
+        raise
+    _keep_one_payable_subscription_checkout(organization_id, customer, session.id, gateway)
     return session
 
 
 # Stripe keeps a Checkout Session payable for 24 hours unless told otherwise; an older row of
 # ours is not payable, whatever its status says (no Stripe call is made for it).
 SESSION_LIFETIME = dt.timedelta(hours=25)
+# How long a paid checkout's subscription may take to be reported before a new checkout is
+# allowed again (Stripe retries a webhook delivery for up to three days).
+PAID_CHECKOUT_PATIENCE = dt.timedelta(days=3)
+
+
+def _subscription_refusal(organization_id: str) -> str | None:
+    """Why the organization may not open a subscription checkout now, if it may not: a
+    second subscription would bill twice (an unpaid or paused one still bills, or resumes; a
+    plan change goes through the portal), and so would paying a checkout while one already
+    paid has its subscription on the way."""
+    if get_account(organization_id).subscription_status in LIVE_STATUSES:
+        return "the organization already has a subscription; use the portal"
+    reported = StripeSubscription.select(StripeSubscription.id).where(
+        StripeSubscription.id == CheckoutSession.stripe_subscription_id
+    )
+    pending = CheckoutSession.select(CheckoutSession.id).where(
+        (CheckoutSession.organization == organization_id)
+        & (CheckoutSession.kind == CheckoutKind.subscription)
+        & (CheckoutSession.status == CheckoutStatus.completed)
+        & CheckoutSession.stripe_subscription_id.is_null(False)
+        & (CheckoutSession.completed_at >= utcnow() - PAID_CHECKOUT_PATIENCE)
+        & ~fn.EXISTS(reported)
+    )
+    if pending.exists():
+        return "a subscription checkout was just paid; the subscription is on its way"
+    return None
 
 
 def _keep_one_payable_subscription_checkout(
-    organization_id: str, session_id: str, gateway: BillingGateway
+    organization_id: str, customer: str, session_id: str, gateway: BillingGateway
 ) -> None:
     """At most one subscription checkout of an organization can be paid: two paid ones would
     be two subscriptions, each billing every month. The newest stands and the older open ones
-    are expired at Stripe; if an older one was paid first (its webhook not yet here), the
-    subscription is on its way and the new session is expired instead (409).
+    are expired at Stripe; if an older one was paid first, the subscription is on its way and
+    the new session is expired instead (409).
 
     Requests racing each other agree, since each reads the others' recorded sessions: the
     newest's request expires the older ones, an older one's request finds a newer one and
-    expires only its own. No lock is held around Stripe.
+    expires only its own. The subscription check is read again last, after the older sessions
+    can no longer be paid: one paid (and reported) while this request talked to Stripe is seen
+    there. No lock is held around Stripe.
     """
     payable = list(
         CheckoutSession.select()
@@ -135,17 +173,53 @@ def _keep_one_payable_subscription_checkout(
     if not payable or payable[0].id != session_id:
         _expire(session_id, gateway)
         raise Conflict("a newer subscription checkout was opened at the same time; use that one")
+    refusal = None
     for older in payable[1:]:
         if not _expire(older.id, gateway):
-            _expire(session_id, gateway)
-            raise Conflict("a subscription checkout was just paid; the subscription is on its way")
+            refusal = "a subscription checkout was just paid; the subscription is on its way"
+    if not _expire_unrecorded(organization_id, customer, gateway):
+        refusal = "a subscription checkout was just paid; the subscription is on its way"
+    refusal = refusal or _subscription_refusal(organization_id)
+    if refusal is not None:
+        _expire(session_id, gateway)
+        raise Conflict(refusal)
+
+
+# A session at Stripe with no row of ours is a crash's leftover only once no request can still
+# be about to record it (a request lasts at most gunicorn's timeout, and its Stripe calls).
+UNRECORDED_AFTER = dt.timedelta(minutes=2)
+
+
+def _expire_unrecorded(organization_id: str, customer: str, gateway: BillingGateway) -> bool:
+    """Expire the customer's payable subscription sessions at Stripe that we never recorded
+    (the process died between Stripe's answer and our row; their links were never handed out).
+    False when one of them was paid."""
+    cutoff = (utcnow() - UNRECORDED_AFTER).replace(tzinfo=dt.UTC).timestamp()
+    at_stripe = {i: c for i, c in gateway.open_subscription_checkouts(customer) if c < cutoff}
+    if not at_stripe:
+        return True
+    recorded = {
+        row.id
+        for row in CheckoutSession.select(CheckoutSession.id).where(
+            CheckoutSession.id.in_(list(at_stripe))
+        )
+    }
+    ends = [gateway.expire_checkout_session(i) for i in at_stripe if i not in recorded]
+    return not any(end.paid for end in ends)
 
 
 def _expire(session_id: str, gateway: BillingGateway) -> bool:
-    """Make a session unpayable; False when it was paid first (at Stripe, or on the local
-    page, which completes a session only while our row is open)."""
-    if gateway.expire_checkout_session(session_id) == "complete":
-        return False
+    """Make a session unpayable. False when it was paid first and what it made is not on
+    record: paid at Stripe, its subscription unknown (one Stripe names is recorded with the
+    session, and `_subscription_refusal` weighs it), or paid on the local page (which completes
+    a session only while our row is open)."""
+    end = gateway.expire_checkout_session(session_id)
+    if end.paid:
+        if end.subscription_id is None:
+            return False
+        with database.atomic():
+            record_completed(session_id, end.subscription_id)
+        return True
     with database.atomic():
         expired = (
             CheckoutSession.update(status=CheckoutStatus.expired)
@@ -160,12 +234,14 @@ def _expire(session_id: str, gateway: BillingGateway) -> bool:
         return row is None or row.status != CheckoutStatus.completed
 
 
-def record_completed(session_id: str) -> None:
-    """Stripe reports a session of ours completed: it no longer counts as payable (a later
-    subscription checkout, after this subscription ended, expires nothing at Stripe for it)."""
-    CheckoutSession.update(status=CheckoutStatus.completed, completed_at=utcnow()).where(
-        (CheckoutSession.id == session_id) & (CheckoutSession.status != CheckoutStatus.completed)
-    ).execute()
+def record_completed(session_id: str, subscription_id: str | None) -> None:
+    """Stripe reports a session of ours paid: it is no longer payable, and the subscription it
+    made blocks new subscription checkouts until that subscription is reported."""
+    CheckoutSession.update(
+        status=CheckoutStatus.completed,
+        completed_at=fn.COALESCE(CheckoutSession.completed_at, utcnow()),
+        stripe_subscription_id=fn.COALESCE(CheckoutSession.stripe_subscription_id, subscription_id),
+    ).where(CheckoutSession.id == session_id).execute()
 
 
 def start_top_up(

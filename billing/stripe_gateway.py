@@ -90,9 +90,12 @@ class BillingGateway(Protocol):
 
     def create_portal_session(self, customer_id: str, return_url: str) -> SessionInfo: ...
 
-    def expire_checkout_session(self, session_id: str) -> str:
-        """Make an open Checkout Session unpayable. Answers the session's status afterwards:
-        "expired", or "complete" when the customer paid it first."""
+    def expire_checkout_session(self, session_id: str) -> CheckoutEnd:
+        """Make an open Checkout Session unpayable; whether the customer paid it first."""
+        ...
+
+    def open_subscription_checkouts(self, customer_id: str) -> list[tuple[str, int]]:
+        """The customer's payable subscription Checkout Sessions at Stripe: (id, created)."""
         ...
 
     def charge_off_session(
@@ -109,6 +112,18 @@ class BillingGateway(Protocol):
     ) -> ChargeOutcome | None: ...
 
     def verify_event(self, payload: bytes, signature: str) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class CheckoutEnd:
+    """What became of a Checkout Session we asked Stripe to expire."""
+
+    paid: bool  # the customer paid it first
+    subscription_id: str | None = None  # the subscription paying it created
+
+
+def _missing(exc: stripe.InvalidRequestError) -> bool:
+    return exc.code == "resource_missing" or exc.http_status == 404
 
 
 def _metadata(organization_id: str, kind: str, **extra: str) -> dict[str, str]:
@@ -150,16 +165,39 @@ class StripeGateway:
                 "the payment provider is unavailable; nothing was changed, retry later"
             ) from exc
 
-    def expire_checkout_session(self, session_id: str) -> str:
+    def expire_checkout_session(self, session_id: str) -> CheckoutEnd:
         sessions = self._client.v1.checkout.sessions
         try:
-            return str(self._send(sessions.expire, session_id).status)
-        except stripe.InvalidRequestError:
-            pass  # Stripe expires only open sessions: this one was paid, or expired already
-        status = str(self._send(sessions.retrieve, session_id).status)
-        if status == "open":  # refused for another reason: it is still payable
+            session = self._send(sessions.expire, session_id)
+        except stripe.InvalidRequestError as refused:
+            if _missing(refused):  # not a session of this Stripe account: nobody can pay it
+                return CheckoutEnd(paid=False)
+            # Stripe expires only open sessions: this one was paid, or expired already.
+            try:
+                session = self._send(sessions.retrieve, session_id)
+            except stripe.InvalidRequestError as exc:
+                if _missing(exc):
+                    return CheckoutEnd(paid=False)
+                raise UpstreamUnavailable(
+                    "the payment provider did not expire a checkout; retry later"
+                ) from exc
+        if session.status == "open":  # refused for another reason: it is still payable
             raise UpstreamUnavailable("the payment provider did not expire a checkout; retry later")
-        return status
+        subscription = getattr(session, "subscription", None)
+        return CheckoutEnd(
+            paid=session.status == "complete",
+            subscription_id=str(getattr(subscription, "id", subscription) or "") or None,
+        )
+
+    def open_subscription_checkouts(self, customer_id: str) -> list[tuple[str, int]]:
+        params = {"customer": customer_id, "status": "open", "limit": 100}
+        try:
+            page = self._send(self._client.v1.checkout.sessions.list, params)
+        except stripe.InvalidRequestError as exc:
+            raise UpstreamUnavailable(
+                "the payment provider refused a listing; retry later"
+            ) from exc
+        return [(str(s.id), int(s.created)) for s in page.data if s.mode == "subscription"]
 
     @staticmethod
     def _send(fn: Any, *args: Any) -> Any:
@@ -433,10 +471,13 @@ class LocalGateway:
     def create_portal_session(self, customer_id: str, return_url: str) -> SessionInfo:
         return SessionInfo(f"bps_local_{uuid.uuid4().hex}", f"{self._base}/local/portal")
 
-    def expire_checkout_session(self, session_id: str) -> str:
+    def expire_checkout_session(self, session_id: str) -> CheckoutEnd:
         # A local session exists only as our row: the service's conditional update of it decides
         # whether it expired or the local page completed it first.
-        return "expired"
+        return CheckoutEnd(paid=False)
+
+    def open_subscription_checkouts(self, customer_id: str) -> list[tuple[str, int]]:
+        return []  # local sessions exist only as our rows
 
     def charge_off_session(
         self,

@@ -310,7 +310,7 @@ def _credit_top_up(
 
 
 def _checkout_completed(event: Event, session: CheckoutSession, account: BillingAccount) -> str:
-    checkout.record_completed(session.id)
+    checkout.record_completed(session.id, session.subscription)
     if session.payment_status != "paid":
         return f"checkout not paid ({session.payment_status}): no credit"
     if session.mode != "payment":

@@ -213,6 +213,7 @@ class CheckoutSession(BaseModel):
     completed_at = peewee.DateTimeField(null=True)
     success_url = peewee.CharField(max_length=2048, null=True)
     cancel_url = peewee.CharField(max_length=2048, null=True)
+    stripe_subscription_id = peewee.CharField(max_length=255, null=True)  # what paying it made
 
     class Meta:
         table_name = "checkout_sessions"

@@ -174,6 +174,8 @@ class FixtureFront:
                     return self._respond(402, json.dumps(body).encode())
                 if self.command == "POST" and path == "/v1/checkout/sessions":
                     return self._respond(200, json.dumps(front.checkout(params)).encode())
+                if self.command == "GET" and path == "/v1/checkout/sessions":
+                    return self._respond(200, json.dumps(front.list_sessions(self.path)).encode())
                 if path.startswith("/v1/checkout/sessions/"):
                     status, body = front.session_call(self.command, path)
                     return self._respond(status, json.dumps(body).encode())
@@ -220,10 +222,26 @@ class FixtureFront:
             cancel_url=params.get("cancel_url"),
             status="open",
             payment_status="unpaid",
+            created=int(time.time()),
         )
         with self._lock:
             self.sessions[session_id] = session
         return session
+
+    def list_sessions(self, request_path: str) -> dict[str, Any]:
+        """`GET /v1/checkout/sessions` with Stripe's `customer` and `status` filters, newest
+        first."""
+        query = dict(parse_qsl(request_path.partition("?")[2]))
+        with self._lock:
+            kept = [
+                copy.deepcopy(s)
+                for s in self.sessions.values()
+                if all(
+                    s.get(name) == query[name] for name in ("customer", "status") if name in query
+                )
+            ]
+        kept.sort(key=lambda s: s["created"], reverse=True)
+        return {"object": "list", "url": "/v1/checkout/sessions", "has_more": False, "data": kept}
 
     def session_call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
         """GET /v1/checkout/sessions/{id} and POST .../{id}/expire, as Stripe answers them:
@@ -234,7 +252,9 @@ class FixtureFront:
         with self._lock:
             session = self.sessions.get(session_id)
             if session is None:
-                return 404, _invalid_request(f"No such checkout.session: '{session_id}'")
+                error = _invalid_request(f"No such checkout.session: '{session_id}'")
+                error["error"]["code"] = "resource_missing"
+                return 404, error
             if method == "POST" and action == "expire":
                 if session["status"] != "open":
                     return 400, _invalid_request(
@@ -243,12 +263,16 @@ class FixtureFront:
                 session["status"] = "expired"
             return 200, copy.deepcopy(session)
 
-    def complete(self, session_id: str) -> None:
-        """The customer pays a session (as Stripe does, only an open one)."""
+    def complete(self, session_id: str, subscription: str | None = None) -> str:
+        """The customer pays a session (as Stripe does, only an open one); a subscription
+        session's payment creates its subscription, whose id is returned."""
         with self._lock:
             session = self.sessions[session_id]
             assert session["status"] == "open", session["status"]
-            session.update(status="complete", payment_status="paid")
+            if session.get("mode") == "subscription":
+                subscription = subscription or f"sub_{uuid.uuid4().hex[:24]}"
+            session.update(status="complete", payment_status="paid", subscription=subscription)
+            return str(subscription)
 
     def payable_sessions(self) -> list[str]:
         with self._lock:

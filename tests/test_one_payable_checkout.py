@@ -14,10 +14,10 @@ import threading
 
 from billing import checkout
 from billing.accounts import locked_account
-from billing.checkout import SESSION_LIFETIME
+from billing.checkout import SESSION_LIFETIME, UNRECORDED_AFTER
 from billing.config import get_settings
-from billing.stripe_gateway import get_gateway
-from models import CheckoutSession, connection, utcnow
+from billing.stripe_gateway import CheckoutEnd, get_gateway
+from models import BillingAccount, CheckoutSession, connection, utcnow
 from tests import stripe_events as ev
 
 URLS = {"successUrl": "https://app.example.com/ok", "cancelUrl": "https://app.example.com/no"}
@@ -50,14 +50,18 @@ def test_a_second_checkout_expires_the_first(client, org, stripe_mode):
 
 def test_a_first_checkout_paid_before_its_webhook_refuses_the_second(client, org, stripe_mode):
     first = _checkout(client, org).json()["id"]
-    stripe_mode.complete(first)  # the customer paid; Stripe's webhooks are still on their way
+    made = stripe_mode.complete(first)  # the customer paid; the webhooks are on their way
     second = _checkout(client, org)
     assert second.status_code == 409, second.text
     assert "just paid" in second.json()["detail"]
     assert stripe_mode.payable_sessions() == []  # the new session was expired, not handed out
     assert stripe_mode.sessions[first]["status"] == "complete"
-    assert _status(first) == "open"  # still counted: a retry is refused the same way
-    assert _checkout(client, org).status_code == 409
+    with connection():  # Stripe's answer is kept: the subscription it made is on its way
+        row = CheckoutSession.get_by_id(first)
+    assert (row.status, row.stripe_subscription_id) == ("completed", made)
+    third = _checkout(client, org)  # refused before any session is made
+    assert third.status_code == 409 and "just paid" in third.json()["detail"]
+    assert len(stripe_mode.sent("POST", "/v1/checkout/sessions")) == 2
 
 
 def test_concurrent_checkouts_leave_exactly_one_payable(client, org, stripe_mode):
@@ -91,13 +95,17 @@ def test_a_completed_checkout_expires_nothing_later(client, org, stripe_mode):
     """Once Stripe reports the checkout completed, it is not payable any more: a checkout
     after that subscription ended asks Stripe to expire nothing."""
     first = _checkout(client, org).json()["id"]
-    stripe_mode.complete(first)
-    ev.post(
-        client,
-        "checkout.session.completed",
-        ev.subscription_session(org.id, sub="sub_done", session_id=first),
-    )
+    stripe_mode.complete(first, subscription="sub_done")
+    paid = ev.subscription_session(org.id, sub="sub_done", session_id=first)
+    ev.post(client, "checkout.session.completed", paid)
     assert _status(first) == "completed"
+    waiting = _checkout(client, org)  # its subscription is not reported yet
+    assert waiting.status_code == 409 and "on its way" in waiting.json()["detail"]
+    ev.post(client, "customer.subscription.created", ev.subscription(org.id, sub="sub_done"))
+    assert _checkout(client, org).status_code == 409  # live now
+    ended = ev.subscription(org.id, sub="sub_done", status="canceled", created=1_800_000_000)
+    ev.post(client, "customer.subscription.deleted", ended, created=2_000_000_000)
+    stripe_mode.requests.clear()
     again = _checkout(client, org)
     assert again.status_code == 200, again.text
     assert not [path for _, path, _ in stripe_mode.requests if path.endswith("/expire")]
@@ -170,11 +178,11 @@ def test_a_local_session_paid_while_a_second_opens_refuses_the_second(client, or
     first = _checkout(client, org).json()["id"]
     gateway = get_gateway()
 
-    def paid_on_the_page_first(session_id: str) -> str:
+    def paid_on_the_page_first(session_id: str) -> CheckoutEnd:
         if session_id == first:
             with connection(), locked_account(org.id) as account:
                 checkout.complete_local_session(account, CheckoutSession.get_by_id(first))
-        return "expired"
+        return CheckoutEnd(paid=False)
 
     monkeypatch.setattr(gateway, "expire_checkout_session", paid_on_the_page_first)
     second = _checkout(client, org)
@@ -187,3 +195,22 @@ def test_a_local_session_paid_while_a_second_opens_refuses_the_second(client, or
             )
         ]
     assert (_status(first), others) == ("completed", ["expired"])
+
+
+def test_a_session_a_dead_process_never_recorded_is_expired_by_the_next_checkout(
+    client, org, stripe_mode
+):
+    """kill -9 between Stripe's answer and our row: the session exists only at Stripe. The
+    next checkout finds it in the customer's open sessions and expires it, once it is older
+    than any request still in flight could be (a fresh one may be a racing request's)."""
+    first = _checkout(client, org).json()["id"]
+    with connection():
+        customer = BillingAccount.get_by_id(org.id).stripe_customer_id
+    leftover = stripe_mode.checkout({"mode": "subscription", "customer": customer})["id"]
+    in_flight = stripe_mode.checkout({"mode": "subscription", "customer": customer})["id"]
+    stripe_mode.sessions[leftover]["created"] -= int(UNRECORDED_AFTER.total_seconds()) + 1
+    second = _checkout(client, org)
+    assert second.status_code == 200, second.text
+    assert sorted(stripe_mode.payable_sessions()) == sorted([second.json()["id"], in_flight])
+    assert stripe_mode.sessions[leftover]["status"] == "expired"
+    assert _status(first) == "expired"
