@@ -11,6 +11,8 @@ as the app, so each compiled validator is kept by the identity of its schema.
 
 from __future__ import annotations
 
+import json
+import math
 import typing as t
 
 import jsonschema_rs
@@ -103,8 +105,14 @@ class StrictJSONRequestBodyValidator(JSONRequestBodyValidator):
         return super()._validate(body)
 
     async def _parse(self, stream: t.AsyncGenerator[bytes, None], scope: Scope) -> t.Any:
+        """Connexion's parse, strict: JSON as RFC 8259 has it (no NaN, no Infinity, no number
+        too large for a double), nested at most MAX_JSON_DEPTH deep. The handler parses the
+        body again further down the stack, where a body nested just under the parser's own
+        limit overflowed it (a 500)."""
+        raw = b"".join([message async for message in stream])
         try:
-            return await super()._parse(stream, scope)
+            text = raw.decode(self._encoding)
+            body = _STRICT_JSON.decode(text) if text else None
         except UnicodeDecodeError:
             raise BadRequestProblem(detail="the request body is not valid UTF-8") from None
         except RecursionError:
@@ -113,6 +121,39 @@ class StrictJSONRequestBodyValidator(JSONRequestBodyValidator):
             raise BadRequestProblem(
                 detail=f"the request body is not valid JSON: {exc}"[:300]
             ) from None
+        if _nested_deeper_than(body, MAX_JSON_DEPTH):
+            raise BadRequestProblem(detail="the request body is nested too deeply")
+        return body
+
+
+# No body this API takes nests deeper (a usage event's metadata is a small object).
+MAX_JSON_DEPTH = 32
+
+
+def _refuse_constant(name: str) -> t.NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range for a JSON number")
+    return value
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _nested_deeper_than(value: t.Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep (walked without recursion)."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 VALIDATORS = {
