@@ -79,7 +79,6 @@ def start_subscription_checkout(
     cancel_url: str,
     gateway: BillingGateway,
     settings: Settings,
-    idempotency_key: str | None = None,
 ) -> SessionInfo:
     if plan not in PLANS:
         raise InvalidRequest(f"subscriptionPlan must be one of {', '.join(PLANS)}")
@@ -94,7 +93,11 @@ def start_subscription_checkout(
         plan,
         success_url,
         cancel_url,
-        f"checkout:{organization_id}:{idempotency_key or uuid.uuid4()}",
+        # A key of its own for each attempt: a retry under the client's Idempotency-Key (after
+        # a failure, which this unit may have expired) must get a payable session, never
+        # Stripe's replay of the expired one. An attempt's lost answer leaves a session nobody
+        # recorded, which `_expire_unrecorded` expires.
+        f"checkout:{organization_id}:{uuid.uuid4()}",
     )
     try:
         _record(
@@ -115,11 +118,12 @@ def start_subscription_checkout(
     return session
 
 
-# Stripe keeps a Checkout Session payable for 24 hours unless told otherwise; an older row of
-# ours is not payable, whatever its status says (no Stripe call is made for it).
+# Stripe keeps a Checkout Session payable for 24 hours unless told otherwise.
 SESSION_LIFETIME = dt.timedelta(hours=25)
 # How long a paid checkout's subscription may take to be reported before a new checkout is
-# allowed again (Stripe retries a webhook delivery for up to three days).
+# allowed again (Stripe retries a webhook delivery for up to three days). A row still open is
+# asked about (once: the answer is recorded) until a payment of it would be that old: one paid
+# in its last hour, unreported, must still block.
 PAID_CHECKOUT_PATIENCE = dt.timedelta(days=3)
 
 
@@ -130,8 +134,11 @@ def _subscription_refusal(organization_id: str) -> str | None:
     paid has its subscription on the way."""
     if get_account(organization_id).subscription_status in LIVE_STATUSES:
         return "the organization already has a subscription; use the portal"
+    # Reported means past `incomplete` (ours: inactive): a Checkout subscription starts there
+    # and turns active with a later event; until then it may still bill.
     reported = StripeSubscription.select(StripeSubscription.id).where(
-        StripeSubscription.id == CheckoutSession.stripe_subscription_id
+        (StripeSubscription.id == CheckoutSession.stripe_subscription_id)
+        & (StripeSubscription.status != SubscriptionStatus.inactive)
     )
     pending = CheckoutSession.select(CheckoutSession.id).where(
         (CheckoutSession.organization == organization_id)
@@ -166,7 +173,7 @@ def _keep_one_payable_subscription_checkout(
             (CheckoutSession.organization == organization_id)
             & (CheckoutSession.kind == CheckoutKind.subscription)
             & (CheckoutSession.status == CheckoutStatus.open)
-            & (CheckoutSession.created_at >= utcnow() - SESSION_LIFETIME)
+            & (CheckoutSession.created_at >= utcnow() - SESSION_LIFETIME - PAID_CHECKOUT_PATIENCE)
         )
         .order_by(CheckoutSession.created_at.desc(), CheckoutSession.id.desc())
     )

@@ -122,6 +122,10 @@ class CheckoutEnd:
     subscription_id: str | None = None  # the subscription paying it created
 
 
+# A customer's open Checkout Sessions read per listing (top-ups included): ten pages.
+MAX_LISTED_SESSIONS = 1000
+
+
 def _missing(exc: stripe.InvalidRequestError) -> bool:
     return exc.code == "resource_missing" or exc.http_status == 404
 
@@ -190,14 +194,22 @@ class StripeGateway:
         )
 
     def open_subscription_checkouts(self, customer_id: str) -> list[tuple[str, int]]:
-        params = {"customer": customer_id, "status": "open", "limit": 100}
+        def every_page() -> list[tuple[str, int]]:
+            listed = self._client.v1.checkout.sessions.list(
+                params={"customer": customer_id, "status": "open", "limit": 100}
+            ).auto_paging_iter()
+            return [
+                (str(s.id), int(s.created))
+                for s in itertools.islice(listed, MAX_LISTED_SESSIONS)
+                if s.mode == "subscription"
+            ]
+
         try:
-            page = self._send(self._client.v1.checkout.sessions.list, params)
+            return list(self._send(every_page))
         except stripe.InvalidRequestError as exc:
             raise UpstreamUnavailable(
                 "the payment provider refused a listing; retry later"
             ) from exc
-        return [(str(s.id), int(s.created)) for s in page.data if s.mode == "subscription"]
 
     @staticmethod
     def _send(fn: Any, *args: Any) -> Any:

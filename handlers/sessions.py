@@ -42,7 +42,6 @@ def create_checkout_session(body: dict[str, Any], token_info: dict[str, Any]) ->
                 body["cancelUrl"],
                 get_gateway(),
                 get_settings(),
-                _stripe_key(user.user_id, key),
             )
         ),
     )

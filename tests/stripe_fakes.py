@@ -230,7 +230,7 @@ class FixtureFront:
 
     def list_sessions(self, request_path: str) -> dict[str, Any]:
         """`GET /v1/checkout/sessions` with Stripe's `customer` and `status` filters, newest
-        first."""
+        first, in pages (`limit`, default 10; `starting_after`; `has_more`)."""
         query = dict(parse_qsl(request_path.partition("?")[2]))
         with self._lock:
             kept = [
@@ -241,7 +241,16 @@ class FixtureFront:
                 )
             ]
         kept.sort(key=lambda s: s["created"], reverse=True)
-        return {"object": "list", "url": "/v1/checkout/sessions", "has_more": False, "data": kept}
+        if "starting_after" in query:
+            ids = [s["id"] for s in kept]
+            kept = kept[ids.index(query["starting_after"]) + 1 :]
+        limit = int(query.get("limit", 10))
+        return {
+            "object": "list",
+            "url": "/v1/checkout/sessions",
+            "has_more": len(kept) > limit,
+            "data": kept[:limit],
+        }
 
     def session_call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
         """GET /v1/checkout/sessions/{id} and POST .../{id}/expire, as Stripe answers them:

@@ -14,7 +14,7 @@ import threading
 
 from billing import checkout
 from billing.accounts import locked_account
-from billing.checkout import SESSION_LIFETIME, UNRECORDED_AFTER
+from billing.checkout import PAID_CHECKOUT_PATIENCE, SESSION_LIFETIME, UNRECORDED_AFTER
 from billing.config import get_settings
 from billing.stripe_gateway import CheckoutEnd, get_gateway
 from models import BillingAccount, CheckoutSession, connection, utcnow
@@ -111,12 +111,12 @@ def test_a_completed_checkout_expires_nothing_later(client, org, stripe_mode):
     assert not [path for _, path, _ in stripe_mode.requests if path.endswith("/expire")]
 
 
-def test_sessions_older_than_stripe_keeps_them_are_not_sent(client, org, stripe_mode):
+def test_sessions_too_old_to_be_paid_unreported_are_not_sent(client, org, stripe_mode):
     first = _checkout(client, org).json()["id"]
     with connection():
-        CheckoutSession.update(created_at=utcnow() - SESSION_LIFETIME).where(
-            CheckoutSession.id == first
-        ).execute()
+        CheckoutSession.update(
+            created_at=utcnow() - SESSION_LIFETIME - PAID_CHECKOUT_PATIENCE
+        ).where(CheckoutSession.id == first).execute()
     assert _checkout(client, org).status_code == 200
     assert not [path for _, path, _ in stripe_mode.requests if path.endswith("/expire")]
 
