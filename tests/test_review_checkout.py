@@ -16,31 +16,13 @@ from billing import checkout
 from billing.stripe_gateway import StripeGateway, get_gateway
 from models import CheckoutSession, connection
 from tests import stripe_events as ev
+from tests.checkouts import open_checkout, session_status
 from tests.conftest import _stripe_settings
 
 
 class Crash(RuntimeError):
     """The process stopping on this line (a RuntimeError: the test client turns it into a 500
     the way a dead worker leaves nothing behind but what was already written)."""
-
-
-URLS = {"successUrl": "https://app.example.com/ok", "cancelUrl": "https://app.example.com/no"}
-
-
-def _checkout(client, org, headers=None, key=None):
-    headers = dict(headers or org.owner)
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    return client.post(
-        "/v1/billing/checkout",
-        json={"organizationId": org.id, "subscriptionPlan": "pro", **URLS},
-        headers=headers,
-    )
-
-
-def _status(session_id: str) -> str:
-    with connection():
-        return str(CheckoutSession.get_by_id(session_id).status)
 
 
 def _open_rows(org_id: str) -> list[str]:
@@ -70,7 +52,7 @@ def test_break_completed_webhook_before_subscription_webhook_hands_out_a_second_
     customer.subscription.created (or the latter can fail and be retried an hour later).
     The paid row is then `completed`, so it no longer blocks, and the account is not yet
     live: a new checkout is handed out, payable, while the first subscription exists."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     stripe_mode.complete(first)  # the customer paid: a subscription now exists at Stripe
     done = ev.post(
         client,
@@ -78,7 +60,7 @@ def test_break_completed_webhook_before_subscription_webhook_hands_out_a_second_
         ev.subscription_session(org.id, sub="sub_first", session_id=first),
     )
     assert done.status_code == 200, done.text
-    second = _checkout(client, org)
+    second = open_checkout(client, org)
     # Paid one + payable one = a second subscription one click away.
     assert second.status_code == 409, (second.status_code, _paid_or_payable(stripe_mode))
     assert stripe_mode.payable_sessions() == []
@@ -93,7 +75,7 @@ def test_break_checkout_racing_the_paid_sessions_webhooks_hands_out_a_second_che
     to create its session. The request then finds the paid row `completed` (not open) and
     never re-reads the account: it answers 200 with a payable session while the account is
     already active."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     gateway = get_gateway()
     create = gateway.create_subscription_checkout
     raced = threading.Event()
@@ -116,7 +98,7 @@ def test_break_checkout_racing_the_paid_sessions_webhooks_hands_out_a_second_che
     monkeypatch.setattr(
         gateway, "create_subscription_checkout", create_while_paid_and_webhooks_land
     )
-    second = _checkout(client, org)
+    second = open_checkout(client, org)
     with connection():
         from billing.accounts import get_account
 
@@ -133,10 +115,10 @@ def test_break_a_session_stripe_does_not_know_is_a_500_and_wedges_the_org(
     is refused (InvalidRequestError, swallowed), retrieve is refused too, and `_send`
     re-raises the raw stripe.InvalidRequestError: a 500, on every checkout for 25 hours."""
     get_gateway.cache_clear()
-    local = _checkout(client, org)  # local billing mode (the default in tests)
+    local = open_checkout(client, org)  # local billing mode (the default in tests)
     assert local.status_code == 200 and local.json()["id"].startswith("cs_local_"), local.text
     with _stripe_settings(monkeypatch, stripe_front.url, STRIPE_TIMEOUT_SECONDS="5"):
-        answers = [_checkout(client, org) for _ in range(2)]
+        answers = [open_checkout(client, org) for _ in range(2)]
         codes = [a.status_code for a in answers]
         assert all(c < 500 for c in codes), [a.text for a in answers]
         assert codes[-1] == 200, [a.text for a in answers]  # not wedged
@@ -159,8 +141,8 @@ def test_break_a_failed_row_write_leaves_an_orphan_payable_session(
         return record(*args, **kwargs)
 
     monkeypatch.setattr(checkout, "_record", crash_before_the_row)
-    assert _checkout(client, org).status_code == 500
-    again = _checkout(client, org)
+    assert open_checkout(client, org).status_code == 500
+    again = open_checkout(client, org)
     assert again.status_code == 200, again.text
     assert stripe_mode.payable_sessions() == [again.json()["id"]]
 
@@ -175,7 +157,7 @@ def test_holds_concurrent_checkouts(client, org, stripe_mode, workers):
 
     def open_one() -> None:
         barrier.wait()
-        answers.append(_checkout(client, org))
+        answers.append(open_checkout(client, org))
 
     threads = [threading.Thread(target=open_one) for _ in range(workers)]
     for t in threads:
@@ -186,7 +168,7 @@ def test_holds_concurrent_checkouts(client, org, stripe_mode, workers):
     payable = stripe_mode.payable_sessions()
     assert len(payable) == 1, payable
     assert _open_rows(org.id) == payable
-    assert _checkout(client, org).status_code == 200  # not wedged
+    assert open_checkout(client, org).status_code == 200  # not wedged
 
 
 def test_holds_same_microsecond_and_skewed_clocks(client, org, stripe_mode):
@@ -206,7 +188,7 @@ def test_holds_same_microsecond_and_skewed_clocks(client, org, stripe_mode):
         if i == 0:
             skewed.delta = dt.timedelta(hours=1)
         barrier.wait()
-        answers.append(_checkout(client, org))
+        answers.append(open_checkout(client, org))
 
     with use_clock(clock):
         threads = [threading.Thread(target=open_one, args=(i,)) for i in range(5)]
@@ -222,7 +204,7 @@ def test_holds_same_microsecond_and_skewed_clocks(client, org, stripe_mode):
 @pytest.mark.parametrize("pay_after", [0.0, 0.01, 0.03, 0.06])
 def test_holds_checkout_racing_the_customer_paying(client, org, stripe_mode, pay_after):
     """The customer pays the older session while a new checkout runs, at a few offsets."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
 
     def pay() -> None:
         time.sleep(pay_after)
@@ -233,7 +215,7 @@ def test_holds_checkout_racing_the_customer_paying(client, org, stripe_mode, pay
 
     payer = threading.Thread(target=pay)
     payer.start()
-    answer = _checkout(client, org)
+    answer = open_checkout(client, org)
     payer.join()
     assert answer.status_code in (200, 409), answer.text
     if stripe_mode.sessions[first]["status"] == "complete":
@@ -244,21 +226,21 @@ def test_holds_checkout_racing_the_customer_paying(client, org, stripe_mode, pay
 
 
 def test_holds_refusing_stripe_on_expire_and_retrieve(client, org, stripe_mode):
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     for code in (500, 503, 429):
         stripe_mode.fail_with_on_expire = code
-        answer = _checkout(client, org)
+        answer = open_checkout(client, org)
         assert answer.status_code == 500 and "unavailable" in answer.text, answer.text
         assert "Traceback" not in answer.text
         assert first in stripe_mode.payable_sessions()  # handed out earlier: still payable
     stripe_mode.fail_with_on_expire = None
-    again = _checkout(client, org)
+    again = open_checkout(client, org)
     assert again.status_code == 200
     assert stripe_mode.payable_sessions() == [again.json()["id"]]
 
 
 def test_holds_hung_stripe_on_expire_is_bounded_by_the_timeout(client, org, stripe_mode):
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     front_call = stripe_mode.session_call
 
     def hang(method, path):
@@ -267,49 +249,49 @@ def test_holds_hung_stripe_on_expire_is_bounded_by_the_timeout(client, org, stri
 
     stripe_mode.session_call = hang
     started = time.monotonic()
-    answer = _checkout(client, org)
+    answer = open_checkout(client, org)
     took = time.monotonic() - started
     stripe_mode.session_call = front_call
     time.sleep(2.5)  # let the hung handler finish (it does expire `first` at Stripe)
     assert answer.status_code == 500 and "unavailable" in answer.text, answer.text
     assert took < 7, took
     # The late expire landed at Stripe; our row still says open: the next request repairs it.
-    again = _checkout(client, org)
+    again = open_checkout(client, org)
     assert again.status_code == 200, again.text
     assert stripe_mode.payable_sessions() == [again.json()["id"]]
-    assert _status(first) == "expired"
+    assert session_status(first) == "expired"
 
 
 def test_holds_idempotent_replay_of_a_later_expired_session(client, org, stripe_mode):
     """A replay answers the stored (now expired) session: stale for the client, but never
     payable, and no Stripe call is made."""
-    first = _checkout(client, org, key="k-1")
-    second = _checkout(client, org)
+    first = open_checkout(client, org, key="k-1")
+    second = open_checkout(client, org)
     sent = len(stripe_mode.requests)
-    replay = _checkout(client, org, key="k-1")
+    replay = open_checkout(client, org, key="k-1")
     assert replay.status_code == 200 and replay.json() == first.json()
     assert len(stripe_mode.requests) == sent
     assert stripe_mode.payable_sessions() == [second.json()["id"]]
 
 
 def test_holds_key_retried_after_a_409(client, org, stripe_mode):
-    first = _checkout(client, org, key="k-1").json()["id"]
+    first = open_checkout(client, org, key="k-1").json()["id"]
     stripe_mode.complete(first)
-    refused = _checkout(client, org, key="k-2")
+    refused = open_checkout(client, org, key="k-2")
     assert refused.status_code == 409
-    assert _checkout(client, org, key="k-2").status_code == 409  # claim dropped, same answer
+    assert open_checkout(client, org, key="k-2").status_code == 409  # claim dropped, same answer
     assert stripe_mode.payable_sessions() == []
 
 
 def test_holds_local_two_checkouts_racing_the_pay_page(client, org):
     get_gateway.cache_clear()
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     answers: list = []
     barrier = threading.Barrier(3)
 
     def open_one() -> None:
         barrier.wait()
-        answers.append(_checkout(client, org))
+        answers.append(open_checkout(client, org))
 
     def pay() -> None:
         barrier.wait()
@@ -332,7 +314,7 @@ def test_break_local_checkout_racing_the_pay_page_hands_out_a_second_checkout(
     checkout is past its live-subscription check. The request finds the paid row completed,
     not open, and answers 200 with an open session while the plan is already active."""
     get_gateway.cache_clear()
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     gateway = get_gateway()
     create = gateway.create_subscription_checkout
 
@@ -344,30 +326,30 @@ def test_break_local_checkout_racing_the_pay_page_hands_out_a_second_checkout(
         return create(*args, **kwargs)
 
     monkeypatch.setattr(gateway, "create_subscription_checkout", paid_on_the_page_meanwhile)
-    second = _checkout(client, org)
-    assert _status(first) == "completed"
+    second = open_checkout(client, org)
+    assert session_status(first) == "completed"
     assert second.status_code == 409, (second.status_code, _open_rows(org.id))
     assert _open_rows(org.id) == []
 
 
 def test_holds_crash_between_row_and_expiry(client, org, stripe_mode, monkeypatch):
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     keep = checkout._keep_one_payable_subscription_checkout
     monkeypatch.setattr(
         checkout,
         "_keep_one_payable_subscription_checkout",
         lambda *a: (_ for _ in ()).throw(Crash("killed")),
     )
-    assert _checkout(client, org).status_code == 500
+    assert open_checkout(client, org).status_code == 500
     monkeypatch.setattr(checkout, "_keep_one_payable_subscription_checkout", keep)
-    again = _checkout(client, org)
+    again = open_checkout(client, org)
     assert again.status_code == 200, again.text
     assert stripe_mode.payable_sessions() == [again.json()["id"]]
-    assert _status(first) == "expired"
+    assert session_status(first) == "expired"
 
 
 def test_holds_crash_between_stripe_expire_and_row_update(client, org, stripe_mode, monkeypatch):
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     real = StripeGateway.expire_checkout_session
 
     def expire_then_die(self, session_id):
@@ -375,10 +357,10 @@ def test_holds_crash_between_stripe_expire_and_row_update(client, org, stripe_mo
         raise Crash("killed")
 
     monkeypatch.setattr(StripeGateway, "expire_checkout_session", expire_then_die)
-    assert _checkout(client, org).status_code == 500
+    assert open_checkout(client, org).status_code == 500
     monkeypatch.setattr(StripeGateway, "expire_checkout_session", real)
-    assert _status(first) == "open" and first not in stripe_mode.payable_sessions()
-    again = _checkout(client, org)
+    assert session_status(first) == "open" and first not in stripe_mode.payable_sessions()
+    again = open_checkout(client, org)
     assert again.status_code == 200, again.text
     assert stripe_mode.payable_sessions() == [again.json()["id"]]
     assert _open_rows(org.id) == [again.json()["id"]]
@@ -394,7 +376,7 @@ def test_break_a_paid_session_whose_subscription_ended_still_refuses_for_25_hour
     subscription checkout was just paid; the subscription is on its way" although the
     account shows that subscription canceled: the organization cannot subscribe until the
     event arrives or 25 hours pass. Stripe's own answer ("complete") is never recorded."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     stripe_mode.complete(first, subscription="s1")
     created = ev.post(client, "customer.subscription.created", ev.subscription(org.id, sub="s1"))
     assert created.status_code == 200, created.text
@@ -405,19 +387,19 @@ def test_break_a_paid_session_whose_subscription_ended_still_refuses_for_25_hour
         from billing.accounts import get_account
 
         assert get_account(org.id).subscription_status == "canceled"
-    again = _checkout(client, org)
+    again = open_checkout(client, org)
     assert again.status_code == 200, again.text
 
 
 def test_holds_rows_left_open_by_an_expire_outage_are_all_expired_later(client, org, stripe_mode):
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     stripe_mode.fail_with_on_expire = 503
     for _ in range(4):
-        assert _checkout(client, org).status_code == 500
+        assert open_checkout(client, org).status_code == 500
     assert len(stripe_mode.payable_sessions()) == 5  # 4 never handed out, still payable
     stripe_mode.fail_with_on_expire = None
-    again = _checkout(client, org)
+    again = open_checkout(client, org)
     assert again.status_code == 200, again.text
     assert stripe_mode.payable_sessions() == [again.json()["id"]]
     assert _open_rows(org.id) == [again.json()["id"]]
-    assert _status(first) == "expired"
+    assert session_status(first) == "expired"

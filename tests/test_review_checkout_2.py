@@ -16,21 +16,9 @@ from billing import checkout
 from billing.accounts import get_account
 from billing.checkout import SESSION_LIFETIME, UNRECORDED_AFTER
 from billing.units import DOLLAR
-from models import BillingAccount, CheckoutSession, connection
+from models import BillingAccount, connection
 from tests import stripe_events as ev
-
-URLS = {"successUrl": "https://app.example.com/ok", "cancelUrl": "https://app.example.com/no"}
-
-
-def _checkout(client, org, headers=None, key=None):
-    headers = dict(headers or org.owner)
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    return client.post(
-        "/v1/billing/checkout",
-        json={"organizationId": org.id, "subscriptionPlan": "pro", **URLS},
-        headers=headers,
-    )
+from tests.checkouts import URLS, open_checkout, session_status
 
 
 def _top_up(client, org):
@@ -39,11 +27,6 @@ def _top_up(client, org):
         json={"amountDecimillicents": DOLLAR, **URLS},
         headers=org.owner,
     )
-
-
-def _status(session_id: str) -> str:
-    with connection():
-        return str(CheckoutSession.get_by_id(session_id).status)
 
 
 def _customer(org_id: str) -> str:
@@ -89,7 +72,7 @@ def test_break_subscription_created_incomplete_unblocks_a_second_checkout(client
     account shows `inactive` (not live): a second checkout is handed out, payable, while the
     first subscription exists at Stripe and is about to bill. If .updated is slow (or its
     delivery fails and Stripe retries for days), the window is as long."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     sub = stripe_mode.complete(first, subscription="sub_incomplete_first")
     done = ev.post(
         client,
@@ -103,7 +86,7 @@ def test_break_subscription_created_incomplete_unblocks_a_second_checkout(client
         ev.subscription(org.id, sub=sub, status="incomplete"),
     )
     assert created.status_code == 200, created.text
-    second = _checkout(client, org)
+    second = open_checkout(client, org)
     assert second.status_code == 409, (second.status_code, stripe_mode.payable_sessions())
     assert stripe_mode.payable_sessions() == []
 
@@ -114,7 +97,7 @@ def test_break_subscription_created_incomplete_before_any_checkout_webhook(
     """Same hole with no checkout.session.completed at all: the new request expires the paid
     session, Stripe answers "complete, sub_x", the row records sub_x, and the final check
     finds sub_x already reported (incomplete): 200, a second payable subscription checkout."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     sub = stripe_mode.complete(first, subscription="sub_incomplete_second")
     created = ev.post(
         client,
@@ -122,7 +105,7 @@ def test_break_subscription_created_incomplete_before_any_checkout_webhook(
         ev.subscription(org.id, sub=sub, status="incomplete"),
     )
     assert created.status_code == 200, created.text
-    second = _checkout(client, org)
+    second = open_checkout(client, org)
     assert second.status_code == 409, (second.status_code, stripe_mode.payable_sessions())
     assert stripe_mode.payable_sessions() == []
 
@@ -135,13 +118,13 @@ def test_break_paid_session_older_than_session_lifetime_is_never_asked_about(
     for three days: PAID_CHECKOUT_PATIENCE exists for exactly that). Two hours later the
     row is past SESSION_LIFETIME, so it is neither sent to Stripe nor weighed: a new checkout
     is a 200, payable, two hours after the first subscription was paid for."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     clock.advance(hours=23)
     stripe_mode.complete(first, subscription="sub_paid_late")
     clock.advance(hours=2, minutes=1)
     assert clock.now - SESSION_LIFETIME > clock.now - checkout.PAID_CHECKOUT_PATIENCE
-    second = _checkout(client, org)
-    assert second.status_code == 409, (second.status_code, _status(first))
+    second = open_checkout(client, org)
+    assert second.status_code == 409, (second.status_code, session_status(first))
     assert _subscription_sessions(stripe_mode, "open") == []
 
 
@@ -163,16 +146,16 @@ def test_break_retry_after_a_failed_row_write_answers_an_expired_session(
         return record(*args, **kwargs)
 
     monkeypatch.setattr(checkout, "_record", write_fails_once)
-    failed = _checkout(client, org, key="retry-me")
+    failed = open_checkout(client, org, key="retry-me")
     assert failed.status_code == 500, failed.text
-    retried = _checkout(client, org, key="retry-me")
+    retried = open_checkout(client, org, key="retry-me")
     assert retried.status_code in (200, 409), retried.text
     if retried.status_code == 200:
         handed_out = retried.json()["id"]
         assert handed_out in stripe_mode.payable_sessions(), (
             handed_out,
             stripe_mode.sessions[handed_out]["status"],
-            _status(handed_out),
+            session_status(handed_out),
         )
 
 
@@ -184,15 +167,15 @@ def test_break_open_top_ups_hide_an_unrecorded_subscription_session_from_the_swe
     "buy credits" repeatedly; each stays open 24 h) fill the page: a crash's leftover
     subscription session is never seen and stays payable next to the new one."""
     # The fixture front pages its listing as Stripe does (limit, starting_after, has_more).
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     customer = _customer(org.id)
     leftover = stripe_mode.checkout({"mode": "subscription", "customer": customer})["id"]
     stripe_mode.sessions[leftover]["created"] -= int(UNRECORDED_AFTER.total_seconds()) + 1
     for _ in range(100):
         assert _top_up(client, org).status_code == 200
-    second = _checkout(client, org)
+    second = open_checkout(client, org)
     assert second.status_code == 200, second.text
-    assert _status(first) == "expired"
+    assert session_status(first) == "expired"
     assert sorted(_subscription_sessions(stripe_mode, "open")) == [second.json()["id"]], leftover
 
 
@@ -217,14 +200,14 @@ def test_break_retry_of_a_crashed_request_after_the_sweep_leaves_nothing_payable
 
     monkeypatch.setattr(checkout, "_record", killed_before_the_row)
     stripe_mode.fail_with_on_expire = 503  # kill -9: the except branch never ran
-    assert _checkout(client, org, key="k-crashed").status_code == 500
+    assert open_checkout(client, org, key="k-crashed").status_code == 500
     stripe_mode.fail_with_on_expire = None
     (crashed,) = stripe_mode.payable_sessions()
     stripe_mode.sessions[crashed]["created"] -= int(UNRECORDED_AFTER.total_seconds()) + 1
-    other = _checkout(client, org, headers=org.admin)
+    other = open_checkout(client, org, headers=org.admin)
     assert other.status_code == 200, other.text
     assert stripe_mode.sessions[crashed]["status"] == "expired"  # the sweep did its job
-    retried = _checkout(client, org, key="k-crashed")
+    retried = open_checkout(client, org, key="k-crashed")
     assert retried.status_code in (200, 409), retried.text
     payable = stripe_mode.payable_sessions()
     assert payable, (retried.status_code, retried.json(), other.json()["id"])
@@ -238,7 +221,7 @@ def test_break_retry_of_a_crashed_request_after_the_sweep_leaves_nothing_payable
 def test_holds_deleted_before_created_releases_without_a_wedge(client, org, stripe_mode):
     """customer.subscription.deleted lands before .created (the latter then stale): the
     subscription is canceled at Stripe, so a new checkout is rightly allowed."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     sub = stripe_mode.complete(first, subscription="sub_deleted_first")
     ev.post(
         client,
@@ -261,18 +244,18 @@ def test_holds_deleted_before_created_releases_without_a_wedge(client, org, stri
     )
     with connection():
         assert get_account(org.id).subscription_status == "canceled"
-    again = _checkout(client, org)
+    again = open_checkout(client, org)
     assert again.status_code == 200, again.text
     assert stripe_mode.payable_sessions() == [again.json()["id"]]
 
 
 def test_holds_trialing_subscription_refuses(client, org, stripe_mode):
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     sub = stripe_mode.complete(first, subscription="sub_trial")
     ev.post(
         client, "customer.subscription.created", ev.subscription(org.id, sub=sub, status="trialing")
     )
-    assert _checkout(client, org).status_code == 409
+    assert open_checkout(client, org).status_code == 409
     assert stripe_mode.payable_sessions() == []
 
 
@@ -282,7 +265,7 @@ def test_holds_sweep_never_expires_top_ups(client, org, stripe_mode):
     customer = _customer(org.id)
     stray = stripe_mode.checkout({"mode": "payment", "customer": customer})["id"]
     stripe_mode.sessions[stray]["created"] -= int(UNRECORDED_AFTER.total_seconds()) + 1
-    assert _checkout(client, org).status_code == 200
+    assert open_checkout(client, org).status_code == 200
     assert stripe_mode.sessions[paid_for]["status"] == "open"
     assert stripe_mode.sessions[stray]["status"] == "open"
 
@@ -290,7 +273,7 @@ def test_holds_sweep_never_expires_top_ups(client, org, stripe_mode):
 def test_holds_checkouts_racing_the_paid_webhooks_on_threads(client, org, stripe_mode):
     """Two checkouts and the paid session's webhooks (active) at once: never a payable
     subscription checkout next to a paid one."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     sub = stripe_mode.complete(first, subscription="sub_race")
     deliveries = [
         ev.signed(
@@ -304,7 +287,7 @@ def test_holds_checkouts_racing_the_paid_webhooks_on_threads(client, org, stripe
 
     def open_one():
         barrier.wait()
-        answers.append(_checkout(client, org))
+        answers.append(open_checkout(client, org))
 
     def deliver(body, signature):
         barrier.wait()
@@ -328,20 +311,20 @@ def test_holds_checkouts_racing_the_paid_webhooks_on_threads(client, org, stripe
 def test_holds_on_its_way_refusal_ends_after_the_patience(client, org, stripe_mode, clock):
     """The paid checkout's subscription is never reported: refused for three days, then not
     wedged."""
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     stripe_mode.complete(first, subscription="sub_never_reported")
     clock.advance(seconds=1)  # a frozen clock ties created_at, and ids then pick the "newest"
-    assert _checkout(client, org).status_code == 409  # learns "paid" from Stripe's answer
+    assert open_checkout(client, org).status_code == 409  # learns "paid" from Stripe's answer
     clock.advance(days=2, hours=23)
-    assert _checkout(client, org).status_code == 409
+    assert open_checkout(client, org).status_code == 409
     clock.advance(hours=1, minutes=1)
-    again = _checkout(client, org)
+    again = open_checkout(client, org)
     assert again.status_code == 200, again.text
     assert _subscription_sessions(stripe_mode, "open") == [again.json()["id"]]
 
 
 def test_holds_hung_listing_is_a_bounded_500_and_not_a_wedge(client, org, stripe_mode):
-    first = _checkout(client, org).json()["id"]
+    first = open_checkout(client, org).json()["id"]
     listing = stripe_mode.list_sessions
 
     def hang(request_path):
@@ -350,12 +333,12 @@ def test_holds_hung_listing_is_a_bounded_500_and_not_a_wedge(client, org, stripe
 
     stripe_mode.list_sessions = hang
     started = time.monotonic()
-    answer = _checkout(client, org)
+    answer = open_checkout(client, org)
     assert answer.status_code == 500 and "Traceback" not in answer.text, answer.text
     assert time.monotonic() - started < 6
     stripe_mode.list_sessions = listing
     time.sleep(1.5)
     assert stripe_mode.sessions[first]["status"] == "expired"
-    again = _checkout(client, org)
+    again = open_checkout(client, org)
     assert again.status_code == 200, again.text
     assert _subscription_sessions(stripe_mode, "open") == [again.json()["id"]]
