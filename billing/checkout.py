@@ -86,6 +86,15 @@ def start_subscription_checkout(
     if refusal is not None:
         raise Conflict(refusal)
     customer = ensure_customer(organization_id, gateway)
+    # The open sessions are expired before a new one is made, so a Stripe outage at expiry
+    # makes nothing new: retries during it cannot pile up open sessions for the next request
+    # to expire one call at a time. (`_keep_one_payable_subscription_checkout` still settles
+    # the sessions racing requests make meanwhile.)
+    if not all([_expire(row.id, gateway) for row in _open_rows(organization_id)]):
+        raise Conflict(_PAID)
+    refusal = _subscription_refusal(organization_id)
+    if refusal is not None:
+        raise Conflict(refusal)
     session = gateway.create_subscription_checkout(
         organization_id,
         customer,
@@ -149,8 +158,26 @@ def _subscription_refusal(organization_id: str) -> str | None:
         & ~fn.EXISTS(reported)
     )
     if pending.exists():
-        return "a subscription checkout was just paid; the subscription is on its way"
+        return _PAID
     return None
+
+
+_PAID = "a subscription checkout was just paid; the subscription is on its way"
+
+
+def _open_rows(organization_id: str) -> list[CheckoutSession]:
+    """The organization's subscription sessions still open by our rows, newest first, as far
+    back as a payment of one could still be unreported."""
+    return list(
+        CheckoutSession.select()
+        .where(
+            (CheckoutSession.organization == organization_id)
+            & (CheckoutSession.kind == CheckoutKind.subscription)
+            & (CheckoutSession.status == CheckoutStatus.open)
+            & (CheckoutSession.created_at >= utcnow() - SESSION_LIFETIME - PAID_CHECKOUT_PATIENCE)
+        )
+        .order_by(CheckoutSession.created_at.desc(), CheckoutSession.id.desc())
+    )
 
 
 def _keep_one_payable_subscription_checkout(
@@ -167,25 +194,16 @@ def _keep_one_payable_subscription_checkout(
     can no longer be paid: one paid (and reported) while this request talked to Stripe is seen
     there. No lock is held around Stripe.
     """
-    payable = list(
-        CheckoutSession.select()
-        .where(
-            (CheckoutSession.organization == organization_id)
-            & (CheckoutSession.kind == CheckoutKind.subscription)
-            & (CheckoutSession.status == CheckoutStatus.open)
-            & (CheckoutSession.created_at >= utcnow() - SESSION_LIFETIME - PAID_CHECKOUT_PATIENCE)
-        )
-        .order_by(CheckoutSession.created_at.desc(), CheckoutSession.id.desc())
-    )
+    payable = _open_rows(organization_id)
     if not payable or payable[0].id != session_id:
         _expire(session_id, gateway)
         raise Conflict("a newer subscription checkout was opened at the same time; use that one")
     refusal = None
     for older in payable[1:]:
         if not _expire(older.id, gateway):
-            refusal = "a subscription checkout was just paid; the subscription is on its way"
+            refusal = _PAID
     if not _expire_unrecorded(organization_id, customer, gateway):
-        refusal = "a subscription checkout was just paid; the subscription is on its way"
+        refusal = _PAID
     refusal = refusal or _subscription_refusal(organization_id)
     if refusal is not None:
         _expire(session_id, gateway)
