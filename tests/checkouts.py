@@ -1,8 +1,9 @@
-"""Shared steps of the subscription-checkout tests: open one over HTTP, read a row's status."""
+"""Shared steps of the subscription-checkout tests: open one over HTTP, read a row's status,
+the organization's customer, and the fixture front's subscription sessions."""
 
 from __future__ import annotations
 
-from models import CheckoutSession, connection
+from models import BillingAccount, CheckoutSession, connection
 
 URLS = {"successUrl": "https://app.example.com/ok", "cancelUrl": "https://app.example.com/no"}
 
@@ -22,3 +23,18 @@ def open_checkout(client, org, headers=None, key=None):
 def session_status(session_id: str) -> str:
     with connection():
         return str(CheckoutSession.get_by_id(session_id).status)
+
+
+def customer_of(org_id: str) -> str:
+    with connection():
+        return str(BillingAccount.get_by_id(org_id).stripe_customer_id)
+
+
+def subscription_sessions(front, *statuses: str) -> list[str]:
+    """The fixture front's subscription sessions in these Stripe statuses."""
+    with front._lock:
+        return [
+            i
+            for i, s in front.sessions.items()
+            if s.get("mode") == "subscription" and s["status"] in statuses
+        ]

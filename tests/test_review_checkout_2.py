@@ -16,9 +16,9 @@ from billing import checkout
 from billing.accounts import get_account
 from billing.checkout import SESSION_LIFETIME, UNRECORDED_AFTER
 from billing.units import DOLLAR
-from models import BillingAccount, connection
+from models import connection
 from tests import stripe_events as ev
-from tests.checkouts import URLS, open_checkout, session_status
+from tests.checkouts import URLS, customer_of, open_checkout, session_status, subscription_sessions
 
 
 def _top_up(client, org):
@@ -27,20 +27,6 @@ def _top_up(client, org):
         json={"amountDecimillicents": DOLLAR, **URLS},
         headers=org.owner,
     )
-
-
-def _customer(org_id: str) -> str:
-    with connection():
-        return str(BillingAccount.get_by_id(org_id).stripe_customer_id)
-
-
-def _subscription_sessions(front, *statuses: str) -> list[str]:
-    with front._lock:
-        return [
-            i
-            for i, s in front.sessions.items()
-            if s.get("mode") == "subscription" and s["status"] in statuses
-        ]
 
 
 def _with_stripe_idempotency(front) -> None:
@@ -125,7 +111,7 @@ def test_break_paid_session_older_than_session_lifetime_is_never_asked_about(
     assert clock.now - SESSION_LIFETIME > clock.now - checkout.PAID_CHECKOUT_PATIENCE
     second = open_checkout(client, org)
     assert second.status_code == 409, (second.status_code, session_status(first))
-    assert _subscription_sessions(stripe_mode, "open") == []
+    assert subscription_sessions(stripe_mode, "open") == []
 
 
 def test_break_retry_after_a_failed_row_write_answers_an_expired_session(
@@ -168,7 +154,7 @@ def test_break_open_top_ups_hide_an_unrecorded_subscription_session_from_the_swe
     subscription session is never seen and stays payable next to the new one."""
     # The fixture front pages its listing as Stripe does (limit, starting_after, has_more).
     first = open_checkout(client, org).json()["id"]
-    customer = _customer(org.id)
+    customer = customer_of(org.id)
     leftover = stripe_mode.checkout({"mode": "subscription", "customer": customer})["id"]
     stripe_mode.sessions[leftover]["created"] -= int(UNRECORDED_AFTER.total_seconds()) + 1
     for _ in range(100):
@@ -176,7 +162,7 @@ def test_break_open_top_ups_hide_an_unrecorded_subscription_session_from_the_swe
     second = open_checkout(client, org)
     assert second.status_code == 200, second.text
     assert session_status(first) == "expired"
-    assert sorted(_subscription_sessions(stripe_mode, "open")) == [second.json()["id"]], leftover
+    assert sorted(subscription_sessions(stripe_mode, "open")) == [second.json()["id"]], leftover
 
 
 def test_break_retry_of_a_crashed_request_after_the_sweep_leaves_nothing_payable(
@@ -262,7 +248,7 @@ def test_holds_trialing_subscription_refuses(client, org, stripe_mode):
 def test_holds_sweep_never_expires_top_ups(client, org, stripe_mode):
     paid_for = _top_up(client, org).json()["id"]
     stripe_mode.sessions[paid_for]["created"] -= int(UNRECORDED_AFTER.total_seconds()) + 1
-    customer = _customer(org.id)
+    customer = customer_of(org.id)
     stray = stripe_mode.checkout({"mode": "payment", "customer": customer})["id"]
     stripe_mode.sessions[stray]["created"] -= int(UNRECORDED_AFTER.total_seconds()) + 1
     assert open_checkout(client, org).status_code == 200
@@ -320,7 +306,7 @@ def test_holds_on_its_way_refusal_ends_after_the_patience(client, org, stripe_mo
     clock.advance(hours=1, minutes=1)
     again = open_checkout(client, org)
     assert again.status_code == 200, again.text
-    assert _subscription_sessions(stripe_mode, "open") == [again.json()["id"]]
+    assert subscription_sessions(stripe_mode, "open") == [again.json()["id"]]
 
 
 def test_holds_hung_listing_is_a_bounded_500_and_not_a_wedge(client, org, stripe_mode):
@@ -341,4 +327,4 @@ def test_holds_hung_listing_is_a_bounded_500_and_not_a_wedge(client, org, stripe
     assert stripe_mode.sessions[first]["status"] == "expired"
     again = open_checkout(client, org)
     assert again.status_code == 200, again.text
-    assert _subscription_sessions(stripe_mode, "open") == [again.json()["id"]]
+    assert subscription_sessions(stripe_mode, "open") == [again.json()["id"]]

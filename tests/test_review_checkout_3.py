@@ -9,23 +9,8 @@ while the first run still works, and a leftover past the sweep's 1,000 listed se
 
 from __future__ import annotations
 
-from models import BillingAccount, connection
 from tests import stripe_events as ev
-from tests.checkouts import open_checkout
-
-
-def _customer(org_id: str) -> str:
-    with connection():
-        return str(BillingAccount.get_by_id(org_id).stripe_customer_id)
-
-
-def _subscription_sessions(front, *statuses: str) -> list[str]:
-    with front._lock:
-        return [
-            i
-            for i, s in front.sessions.items()
-            if s.get("mode") == "subscription" and s["status"] in statuses
-        ]
+from tests.checkouts import open_checkout, subscription_sessions
 
 
 def _expire_calls(front) -> int:
@@ -150,7 +135,7 @@ def test_holds_a_failed_expire_midway_makes_progress(client, org, stripe_mode, c
     clock.advance(seconds=1)
     last = open_checkout(client, org)
     assert last.status_code == 200, last.text
-    assert _subscription_sessions(stripe_mode, "open") == [last.json()["id"]]
+    assert subscription_sessions(stripe_mode, "open") == [last.json()["id"]]
     before = _expire_calls(stripe_mode)
     clock.advance(seconds=1)
     assert open_checkout(client, org).status_code == 200
