@@ -126,6 +126,9 @@ class CheckoutEnd:
 MAX_LISTED_SESSIONS = 1000
 
 
+_NOT_EXPIRED = "the payment provider did not expire a checkout; retry later"
+
+
 def _missing(exc: stripe.InvalidRequestError) -> bool:
     return exc.code == "resource_missing" or exc.http_status == 404
 
@@ -158,16 +161,11 @@ class StripeGateway:
     def _call(fn: Any, params: dict[str, Any], idempotency_key: str | None = None) -> Any:
         options = {"idempotency_key": bounded_key(idempotency_key)} if idempotency_key else {}
         try:
-            with connection_released():
-                return fn(params=params, options=options)
+            return StripeGateway._send(functools.partial(fn, params=params, options=options))
         except stripe.InvalidRequestError as exc:
             raise InvalidRequest(
                 f"the payment provider refused the request: {exc.user_message or exc.code}"
             ) from None
-        except stripe.StripeError as exc:
-            raise UpstreamUnavailable(
-                "the payment provider is unavailable; nothing was changed, retry later"
-            ) from exc
 
     def expire_checkout_session(self, session_id: str) -> CheckoutEnd:
         sessions = self._client.v1.checkout.sessions
@@ -182,15 +180,14 @@ class StripeGateway:
             except stripe.InvalidRequestError as exc:
                 if _missing(exc):
                     return CheckoutEnd(paid=False)
-                raise UpstreamUnavailable(
-                    "the payment provider did not expire a checkout; retry later"
-                ) from exc
+                raise UpstreamUnavailable(_NOT_EXPIRED) from exc
         if session.status == "open":  # refused for another reason: it is still payable
-            raise UpstreamUnavailable("the payment provider did not expire a checkout; retry later")
-        subscription = getattr(session, "subscription", None)
+            raise UpstreamUnavailable(_NOT_EXPIRED)
+        subscription = getattr(session, "subscription", None)  # an id, or expanded
+        subscription_id = getattr(subscription, "id", subscription)
         return CheckoutEnd(
             paid=session.status == "complete",
-            subscription_id=str(getattr(subscription, "id", subscription) or "") or None,
+            subscription_id=str(subscription_id) if subscription_id else None,
         )
 
     def open_subscription_checkouts(self, customer_id: str) -> list[tuple[str, int]]:
@@ -214,7 +211,8 @@ class StripeGateway:
     @staticmethod
     def _send(fn: Any, *args: Any) -> Any:
         """`fn(*args)` with the database connection given back meanwhile; Stripe's refusal
-        (InvalidRequestError) is the caller's to read, any other failure is an outage."""
+        (InvalidRequestError) is the caller's to read, any other failure is an outage. `_call`
+        is this with the refusal made a 400."""
         try:
             with connection_released():
                 return fn(*args)
